@@ -1,0 +1,85 @@
+"""edgecompress: a Hugging Face model in, an ONNX bundle that fits an edge device out, with proof.
+
+The Python API mirrors the CLI:
+
+    import edgecompress
+    manifest = edgecompress.build(target="raspberry-pi-5")          # the bundled all-MiniLM-L6-v2
+    manifest.passed, manifest.budgets, manifest.artifact.size_mb
+
+Heavy dependencies (torch, transformers, optimum) load only when a build runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgecompress.errors import (
+    BuildInterrupted,
+    ConfigError,
+    DataError,
+    EdgeCompressError,
+    ExportError,
+    ModelError,
+    OutputError,
+    PassError,
+    ProfileError,
+    UsageError,
+)
+from edgecompress.targets import Target, load_target
+
+if TYPE_CHECKING:
+    from edgecompress.manifest import Manifest
+    from edgecompress.progress import Progress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildInterrupted",
+    "ConfigError",
+    "DataError",
+    "EdgeCompressError",
+    "ExportError",
+    "ModelError",
+    "OutputError",
+    "PassError",
+    "ProfileError",
+    "Target",
+    "UsageError",
+    "build",
+    "load_target",
+]
+
+
+def build(
+    model: str | Path | None = None,
+    *,
+    target: str | Path = "host",
+    recipe: str | None = None,
+    out: str | Path | None = None,
+    calibration: str | Path | None = None,
+    eval: str | Path | None = None,
+    text_column: str | None = None,
+    task: str | None = None,
+    force: bool = False,
+    trust_remote_code: bool = False,
+    runs: int = 30,
+    progress: Progress | None = None,
+    **recipe_options: Any,
+) -> Manifest:
+    """Same as `edgecompress build`: returns the Manifest; raises EdgeCompressError subclasses.
+
+    A failed budget is not an exception: check `manifest.passed` / `manifest.failed_budgets`.
+    """
+    from edgecompress.pipeline import BuildOptions
+    from edgecompress.pipeline import build as _build
+    from edgecompress.recipes import RecipeOptions
+
+    opts = BuildOptions(
+        model=Path(model) if model is not None else None, target=target, recipe=recipe,
+        out=Path(out) if out is not None else None,
+        calibration=Path(calibration) if calibration is not None else None,
+        eval=Path(eval) if eval is not None else None, text_column=text_column, task=task, force=force,
+        trust_remote_code=trust_remote_code, runs=runs, recipe_options=RecipeOptions(**recipe_options),
+    )
+    return _build(opts, progress)

@@ -1,0 +1,146 @@
+"""Text sources -> texts -> tokenized, fixed-shape batches (for calibration and evaluation).
+
+User files are .txt (one text a line), .jsonl (a "text" field) or .csv/.tsv (a named column). Every way a file
+can be unusable (missing, unreadable, binary, empty, wrong column) is a DataError with one line saying how to fix
+it. The built-in corpus ships in the package: disjoint calibration and evaluation splits written for this project.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from edgecompress.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Split = Literal["calibration", "evaluation"]
+SUPPORTED = (".txt", ".jsonl", ".csv", ".tsv")
+
+
+@dataclass(frozen=True)
+class TextSet:
+    texts: tuple[str, ...]
+    source: str  # "builtin:evaluation" or the file path
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "count": len(self.texts)}
+
+
+def builtin_texts(split: Split) -> TextSet:
+    path = resources.files("edgecompress") / "data" / "corpus" / f"{split}.txt"
+    texts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return TextSet(texts, f"builtin:{split}")
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"text file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory, not a text file") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}", hint="check the path and its permissions") from None
+    if b"\x00" in raw[:8192]:
+        raise DataError(f"{path} looks binary (it contains NUL bytes)",
+                        hint=f"give a UTF-8 text file: {', '.join(SUPPORTED)}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start})", hint="re-encode it as UTF-8") from None
+
+
+def load_texts(path: str | Path, text_column: str | None = None) -> TextSet:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED:
+        raise DataError(f"unsupported text file type '{suffix or path.name}'",
+                        hint=f"use one of {', '.join(SUPPORTED)}")
+    content = _read_text_file(path)
+    if suffix == ".txt":
+        texts = [line.strip() for line in content.splitlines()]
+    elif suffix == ".jsonl":
+        texts = _jsonl_texts(path, content, text_column or "text")
+    else:
+        texts = _table_texts(path, content, "," if suffix == ".csv" else "\t", text_column)
+    texts = [t for t in texts if t]
+    if not texts:
+        raise DataError(f"{path} holds no texts", hint="give at least one non-empty text")
+    return TextSet(tuple(texts), str(path))
+
+
+def _jsonl_texts(path: Path, content: str, field: str) -> list[str]:
+    texts = []
+    for lineno, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{lineno} is not valid JSON", hint="one JSON object a line") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            raise DataError(f"{path}:{lineno} has no string field '{field}'",
+                            hint="each line needs {\"" + field + "\": \"...\"}, or pass --text-column")
+        texts.append(obj[field].strip())
+    return texts
+
+
+def _table_texts(path: Path, content: str, delimiter: str, column: str | None) -> list[str]:
+    reader = csv.DictReader(io.StringIO(content), delimiter=delimiter)
+    fields = reader.fieldnames or []
+    if column is None:
+        if "text" not in fields:
+            raise DataError(f"{path} has no 'text' column (columns: {', '.join(fields) or 'none'})",
+                            hint="name the column with --text-column")
+        column = "text"
+    elif column not in fields:
+        raise DataError(f"{path} has no column '{column}' (columns: {', '.join(fields) or 'none'})",
+                        hint="check --text-column")
+    try:
+        return [(row.get(column) or "").strip() for row in reader]
+    except csv.Error as e:
+        raise DataError(f"{path} is not a valid {'CSV' if delimiter == ',' else 'TSV'} file: {e}") from None
+
+
+def tokenize_batches(
+    tokenizer: Any,
+    texts: Sequence[str],
+    input_names: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int = 512,
+    pad_to: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Tokenize into int64 batches with the model's input names.
+
+    Each batch is padded to its longest text, or to `pad_to` when given (calibrators need one fixed length).
+    Texts longer than `max_length` tokens are truncated; the caller learns how many via `count_truncated`.
+    """
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start:start + batch_size])
+        enc = tokenizer(chunk, padding="max_length" if pad_to else "longest", max_length=pad_to or max_length,
+                        truncation=True, return_tensors="np")
+        batch = {}
+        for name in input_names:
+            if name in enc:
+                batch[name] = enc[name].astype(np.int64)
+            elif name == "token_type_ids":
+                batch[name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
+            else:
+                raise DataError(f"the tokenizer gives no '{name}', which the model needs as input")
+        yield batch
+
+
+def count_truncated(tokenizer: Any, texts: Sequence[str], max_length: int) -> int:
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]
+    return sum(1 for n in lengths if n > max_length)

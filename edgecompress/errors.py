@@ -1,0 +1,65 @@
+"""Typed errors. The CLI maps each class to an exit code; library code only raises.
+
+Exit codes (documented in the README):
+    0  built, every budget met
+    1  any other error (export, pass or profiler failure); nothing written
+    2  usage error: bad model path, unknown target, malformed target or data file, bad option; nothing written
+    3  built, but at least one budget failed (the bundle is written and says which)
+  130  interrupted (Ctrl-C); nothing written
+"""
+
+from __future__ import annotations
+
+
+class EdgeCompressError(Exception):
+    """Base class: a one-line message for the user, plus an optional hint on how to fix it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class UsageError(EdgeCompressError):
+    """The user asked for something that cannot work: fix the command line."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A target file, option or config value is malformed or unknown."""
+
+
+class ModelError(UsageError):
+    """The model path is missing, is not a model, or has an unsupported architecture/task."""
+
+
+class DataError(UsageError):
+    """A calibration or evaluation file is empty, binary, unreadable or has the wrong shape."""
+
+
+class OutputError(UsageError):
+    """--out points somewhere we may not write (a file, or an existing dir without --force)."""
+
+
+class ExportError(EdgeCompressError):
+    """optimum's export failed or does not match PyTorch."""
+
+
+class PassError(EdgeCompressError):
+    """A compression pass could not run, or produced something unusable."""
+
+
+class ProfileError(EdgeCompressError):
+    """The profiler could not load or run the artifact."""
+
+
+class BuildInterrupted(EdgeCompressError):
+    """Ctrl-C during a build: everything half-written was removed."""
+
+    exit_code = 130

@@ -1,0 +1,253 @@
+"""The only module that imports optimum (and PyTorch): inspect a HF model dir, export it, check it numerically.
+
+Nothing here touches the network: HF_HUB_OFFLINE is set before the libraries load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecompress.errors import ExportError, ModelError
+from edgecompress.passes.base import Batch, ModelInfo
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+log = logging.getLogger(__name__)
+
+# Tasks edgecompress can evaluate and profile end to end, and the output each is judged on.
+SUPPORTED_TASKS: dict[str, str] = {
+    "feature-extraction": "last_hidden_state",
+    "text-classification": "logits",
+}
+# config.json "architectures" suffix -> task, for inference when --task is not given.
+_ARCH_SUFFIX_TASK = (
+    ("ForSequenceClassification", "text-classification"),
+    ("ForCausalLM", "text-generation-with-past"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("Model", "feature-extraction"),
+)
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence the tracer/deprecation chatter of torch, transformers and optimum; errors still raise."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    opt_logger = logging.getLogger("optimum")
+    opt_level = opt_logger.level
+    opt_logger.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        opt_logger.setLevel(opt_level)
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    if not model_dir.exists():
+        raise ModelError(f"model path not found: {model_dir}", hint="give a local Hugging Face model directory")
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir} is not a directory", hint="give a local Hugging Face model directory")
+    cfg = model_dir / "config.json"
+    if not cfg.is_file():
+        raise ModelError(f"{model_dir} is not a Hugging Face model directory (no config.json)",
+                         hint="point at the folder that holds config.json and the weights")
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read {cfg}: {e}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ModelError(f"{cfg} has no model_type", hint="is this a transformers config?")
+    return data
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    files = sorted({p for pattern in WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
+    if not files:
+        raise ModelError(f"{model_dir} holds no weights (looked for {', '.join(WEIGHT_PATTERNS)})")
+    return files
+
+
+def infer_task(config: dict[str, Any]) -> str:
+    for arch in config.get("architectures") or []:
+        for suffix, task in _ARCH_SUFFIX_TASK:
+            if arch.endswith(suffix):
+                return task
+    return "feature-extraction"
+
+
+def inspect_model(model_dir: Path, task: str | None = None, trust_remote_code: bool = False) -> ModelInfo:
+    """Validate a model dir and say what it is, before any heavy work starts."""
+    config = read_config(model_dir)
+    weight_files(model_dir)
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelError(f"{model_dir} needs custom code from the model repo (config.json has auto_map)",
+                         hint="running it executes that code: pass --trust-remote-code only if you trust it")
+    model_type = config["model_type"]
+    task = task or infer_task(config)
+    if task not in SUPPORTED_TASKS:
+        raise ModelError(f"task '{task}' is not supported by edgecompress yet",
+                         hint=f"supported: {', '.join(SUPPORTED_TASKS)}; pass --task to choose")
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        optimum_tasks = TasksManager.get_supported_tasks_for_model_type(model_type, "onnx",
+                                                                        library_name="transformers")
+    except KeyError:
+        raise ModelError(f"architecture '{model_type}' is not supported by optimum's ONNX exporter",
+                         hint="see optimum-onnx's list of supported architectures") from None
+    if task not in optimum_tasks:
+        raise ModelError(f"optimum cannot export '{model_type}' for task '{task}'",
+                         hint=f"tasks it supports for {model_type}: {', '.join(optimum_tasks)}")
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        raise ModelError(f"{model_dir} has no tokenizer files", hint="save the tokenizer beside the model")
+    archs = config.get("architectures") or [model_type]
+    return ModelInfo(
+        model_type=model_type,
+        architecture=archs[0],
+        task=task,
+        vocab_size=config.get("vocab_size"),
+        hidden_size=config.get("hidden_size"),
+        num_attention_heads=config.get("num_attention_heads"),
+        intermediate_size=config.get("intermediate_size"),
+        max_positions=config.get("max_position_embeddings"),
+    )
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    task: str
+    opset: int
+    seconds: float
+    output_name: str
+    files: list[str] = field(default_factory=list)
+
+
+def export_onnx(model_dir: Path, info: ModelInfo, out_dir: Path, opset: int | None = None) -> ExportResult:
+    """optimum's exporter into out_dir: model.onnx plus config and tokenizer files."""
+    from optimum.exporters.onnx import main_export
+
+    t0 = time.perf_counter()
+    try:
+        with quiet_libraries():
+            main_export(str(model_dir), output=str(out_dir), task=info.task, library_name="transformers",
+                        opset=opset, do_validation=False, local_files_only=True)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"optimum could not export {model_dir}: {first}") from e
+    onnx_path = out_dir / "model.onnx"
+    if not onnx_path.is_file():
+        raise ExportError(f"optimum wrote no model.onnx into {out_dir}")
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    opset_used = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ExportResult(onnx_path=onnx_path, task=info.task, opset=opset_used,
+                        seconds=time.perf_counter() - t0, output_name=SUPPORTED_TASKS[info.task],
+                        files=sorted(p.name for p in out_dir.iterdir()))
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_libraries():
+            return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"cannot load the tokenizer from {model_dir}: {str(e).splitlines()[0]}") from e
+
+
+class TorchReference:
+    """The source model in PyTorch FP32: the reference every number is checked against."""
+
+    def __init__(self, model_dir: Path, task: str) -> None:
+        import torch
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
+        with quiet_libraries():
+            self.model = cls.from_pretrained(str(model_dir), local_files_only=True, torch_dtype=torch.float32)
+        self.model.eval()
+        self.output_name = SUPPORTED_TASKS[task]
+        self._torch = torch
+
+    def __call__(self, batch: Batch) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+        return out[self.output_name].float().numpy()
+
+
+@dataclass
+class ExportCheck:
+    max_abs_diff: float
+    atol: float
+    passed: bool
+    batches: int
+    texts: int
+    output: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"max_abs_diff": self.max_abs_diff, "atol": self.atol, "passed": self.passed,
+                "batches": self.batches, "texts": self.texts, "output": self.output,
+                "reference": "PyTorch FP32 (transformers)"}
+
+
+def check_export(reference: TorchReference, onnx_path: Path, batches: Iterable[Batch],
+                 atol: float = 1e-3) -> ExportCheck:
+    """Run the same inputs through PyTorch and the exported ONNX model; record the worst absolute difference."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst, n_batches, n_texts = 0.0, 0, 0
+    for batch in batches:
+        feed = {i.name: batch[i.name] for i in sess.get_inputs()}
+        onnx_out = sess.run([reference.output_name], feed)[0]
+        torch_out = reference(feed)
+        worst = max(worst, float(np.max(np.abs(onnx_out - torch_out))))
+        n_batches += 1
+        n_texts += next(iter(batch.values())).shape[0]
+    check = ExportCheck(worst, atol, worst <= atol, n_batches, n_texts, reference.output_name)
+    if not check.passed:
+        raise ExportError(f"the ONNX export differs from PyTorch by {worst:.3g} (> {atol:g})",
+                          hint="try another --opset, or report the model architecture")
+    return check
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("edgecompress", "onnx", "onnxruntime", "optimum", "optimum-onnx", "transformers", "torch",
+                "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

@@ -1,0 +1,36 @@
+"""The fidelity metrics every task can report, as data: name -> direction, unit and meaning.
+
+Budgets name these metrics; whether a limit is a floor or a ceiling comes from here, so encoders, classifiers and
+(later) decoders share one budget mechanism. Layering: imports nothing internal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    higher_is_better: bool
+    unit: str
+    tasks: tuple[str, ...]
+    meaning: str
+
+
+TaskKind = Literal["feature-extraction", "text-classification"]
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("cosine_mean", True, "", ("feature-extraction",),
+               "mean cosine between pooled embeddings and the reference's"),
+        Metric("cosine_p1", True, "", ("feature-extraction",), "1st percentile of that cosine"),
+        Metric("cosine_min", True, "", ("feature-extraction",), "worst text's cosine"),
+        Metric("top1_agreement", True, "", ("text-classification",),
+               "share of texts whose arg-max class matches the reference's"),
+        Metric("kl_mean", False, "nats", ("text-classification",),
+               "mean KL(reference || candidate) of the class distributions"),
+    )
+}

@@ -1,0 +1,285 @@
+"""Target profiles: one TOML file per device, read with tomllib and validated strictly.
+
+A new device is a new file. Unknown keys, missing keys and wrong types are errors that name the file, the key and
+what was expected. Layering: imports only errors and metrics.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from edgecompress.errors import ConfigError
+from edgecompress.metrics import METRICS
+
+ISA_FLAGS = frozenset(
+    {"avx2", "fma", "f16c", "avx512", "avx512_vnni", "avx_vnni", "neon", "fp16", "dotprod", "i8mm", "bf16", "sve",
+     "sve2"}
+)
+KNOWN_PROVIDERS = frozenset(
+    {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "XnnpackExecutionProvider",
+     "NnapiExecutionProvider", "QNNExecutionProvider", "CoreMLExecutionProvider", "OpenVINOExecutionProvider",
+     "DmlExecutionProvider", "ACLExecutionProvider", "ArmNNExecutionProvider"}
+)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cpu: str
+    arch: str
+    cores: int
+    isa: frozenset[str]
+    memory_mb: int
+    usable_ram_mb: int
+    bandwidth_gbs: float
+    peak_gflops_fp32: float
+    peak_gflops_fp16: float
+    peak_gops_int8: float
+    accelerator: str = ""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    providers: tuple[str, ...]
+    threads: int
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The reference workload the latency budget is measured at."""
+
+    batch: int
+    sequence_length: int
+
+
+@dataclass(frozen=True)
+class Budgets:
+    max_size_mb: float
+    max_peak_ram_mb: float
+    max_latency_p90_ms: float
+    # metric name (see evaluate.METRICS) -> limit; the metric's direction says whether it is a floor or a ceiling
+    fidelity: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EstimateFactors:
+    """How far real kernels fall short of the roofline: measured / roofline, per target."""
+
+    compute_efficiency: float
+    bandwidth_efficiency: float
+    runtime_baseline_mb: float
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    host: bool
+    default_recipe: str
+    hardware: Hardware
+    runtime: Runtime
+    workload: Workload
+    budgets: Budgets
+    estimate: EstimateFactors
+    path: str
+    sha256: str
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "file": self.path, "sha256": self.sha256, "host": self.host}
+
+
+# --- schema --------------------------------------------------------------------------------------------------
+# section -> key -> (python types accepted, required, description of what is expected)
+_Num = (int, float)
+_SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool, str]]] = {
+    "": {
+        "name": ((str,), True, "a string"),
+        "description": ((str,), True, "a string"),
+        "host": ((bool,), False, "true or false"),
+        "default_recipe": ((str,), True, "a recipe name"),
+    },
+    "hardware": {
+        "cpu": ((str,), True, "a string"),
+        "arch": ((str,), True, '"x86_64" or "aarch64"'),
+        "cores": ((int,), True, "a positive integer"),
+        "isa": ((list,), True, f"a list of ISA flags from {sorted(ISA_FLAGS)}"),
+        "memory_mb": ((int,), True, "a positive integer (MB)"),
+        "usable_ram_mb": ((int,), True, "a positive integer (MB)"),
+        "bandwidth_gbs": (_Num, True, "a positive number (GB/s)"),
+        "peak_gflops_fp32": (_Num, True, "a positive number (GFLOP/s)"),
+        "peak_gflops_fp16": (_Num, True, "a positive number (GFLOP/s)"),
+        "peak_gops_int8": (_Num, True, "a positive number (GOP/s)"),
+        "accelerator": ((str,), False, "a string"),
+    },
+    "runtime": {
+        "providers": ((list,), True, "a list of ONNX Runtime execution provider names"),
+        "threads": ((int,), True, "a positive integer"),
+    },
+    "workload": {
+        "batch": ((int,), True, "a positive integer"),
+        "sequence_length": ((int,), True, "a positive integer"),
+    },
+    "budgets": {
+        "max_size_mb": (_Num, True, "a positive number (MB)"),
+        "max_peak_ram_mb": (_Num, True, "a positive number (MB)"),
+        "max_latency_p90_ms": (_Num, True, "a positive number (ms)"),
+        "fidelity": ((dict,), False, "a table of metric = limit"),
+    },
+    "estimate": {
+        "compute_efficiency": (_Num, True, "a number in (0, 1]"),
+        "bandwidth_efficiency": (_Num, True, "a number in (0, 1]"),
+        "runtime_baseline_mb": (_Num, True, "a number (MB)"),
+    },
+}
+
+
+def _bad(path: Path, key: str, expected: str, got: object = None) -> ConfigError:
+    got_text = "" if got is None else f", got {got!r}"
+    return ConfigError(f"malformed target file {path}: key '{key}' must be {expected}{got_text}",
+                       hint="fix the file, or compare with `edgecompress targets show host`")
+
+
+def _section(path: Path, data: dict[str, Any], name: str) -> dict[str, Any]:
+    spec = _SCHEMA[name]
+    table = data if name == "" else data.get(name)
+    if name and table is None:
+        raise _bad(path, f"[{name}]", "a table")
+    if not isinstance(table, dict):
+        raise _bad(path, f"[{name}]", "a table", table)
+    prefix = f"{name}." if name else ""
+    allowed = set(spec) | (set(_SCHEMA) - {""} if name == "" else set())
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"malformed target file {path}: unknown key '{prefix}{key}'{hint}",
+                              hint=f"allowed keys here: {', '.join(sorted(allowed))}")
+    out: dict[str, Any] = {}
+    for key, (types, required, expected) in spec.items():
+        if key not in table:
+            if required:
+                raise _bad(path, prefix + key, expected + " (missing)")
+            continue
+        value = table[key]
+        if isinstance(value, bool) and bool not in types:
+            raise _bad(path, prefix + key, expected, value)
+        if not isinstance(value, types):
+            raise _bad(path, prefix + key, expected, value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0 \
+                and key != "runtime_baseline_mb":
+            raise _bad(path, prefix + key, expected, value)
+        out[key] = value
+    return out
+
+
+def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
+    top = _section(path, data, "")
+    hw = _section(path, data, "hardware")
+    rt = _section(path, data, "runtime")
+    wl = _section(path, data, "workload")
+    bd = _section(path, data, "budgets")
+    est = _section(path, data, "estimate")
+
+    if top["name"] != path.stem:
+        raise _bad(path, "name", f'"{path.stem}" (the file name without .toml)', top["name"])
+    if hw["arch"] not in ("x86_64", "aarch64"):
+        raise _bad(path, "hardware.arch", '"x86_64" or "aarch64"', hw["arch"])
+    for flag in hw["isa"]:
+        if flag not in ISA_FLAGS:
+            raise _bad(path, "hardware.isa", f"flags from {sorted(ISA_FLAGS)}", flag)
+    for p in rt["providers"]:
+        if p not in KNOWN_PROVIDERS:
+            raise _bad(path, "runtime.providers", f"provider names from {sorted(KNOWN_PROVIDERS)}", p)
+    if hw["usable_ram_mb"] > hw["memory_mb"]:
+        raise _bad(path, "hardware.usable_ram_mb", f"at most memory_mb ({hw['memory_mb']})", hw["usable_ram_mb"])
+    for key in ("compute_efficiency", "bandwidth_efficiency"):
+        if not 0 < est[key] <= 1:
+            raise _bad(path, f"estimate.{key}", "a number in (0, 1]", est[key])
+    fidelity = bd.pop("fidelity", {})
+    for metric, limit in fidelity.items():
+        if metric not in METRICS:
+            raise _bad(path, f"budgets.fidelity.{metric}", f"a metric from {sorted(METRICS)}")
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+            raise _bad(path, f"budgets.fidelity.{metric}", "a number", limit)
+
+    return Target(
+        name=top["name"],
+        description=top["description"],
+        host=top.get("host", False),
+        default_recipe=top["default_recipe"],
+        hardware=Hardware(
+            cpu=hw["cpu"], arch=hw["arch"], cores=hw["cores"], isa=frozenset(hw["isa"]),
+            memory_mb=hw["memory_mb"], usable_ram_mb=hw["usable_ram_mb"], bandwidth_gbs=float(hw["bandwidth_gbs"]),
+            peak_gflops_fp32=float(hw["peak_gflops_fp32"]), peak_gflops_fp16=float(hw["peak_gflops_fp16"]),
+            peak_gops_int8=float(hw["peak_gops_int8"]), accelerator=hw.get("accelerator", ""),
+        ),
+        runtime=Runtime(providers=tuple(rt["providers"]), threads=rt["threads"]),
+        workload=Workload(batch=wl["batch"], sequence_length=wl["sequence_length"]),
+        budgets=Budgets(
+            max_size_mb=float(bd["max_size_mb"]), max_peak_ram_mb=float(bd["max_peak_ram_mb"]),
+            max_latency_p90_ms=float(bd["max_latency_p90_ms"]),
+            fidelity={k: float(v) for k, v in fidelity.items()},
+        ),
+        estimate=EstimateFactors(
+            compute_efficiency=float(est["compute_efficiency"]),
+            bandwidth_efficiency=float(est["bandwidth_efficiency"]),
+            runtime_baseline_mb=float(est["runtime_baseline_mb"]),
+        ),
+        path=str(path),
+        sha256=sha,
+    )
+
+
+# --- lookup --------------------------------------------------------------------------------------------------
+def target_dirs() -> list[Path]:
+    """Where target files are looked up, first match wins: $EDGECOMPRESS_TARGETS_DIR, then the shipped ones."""
+    dirs: list[Path] = []
+    if env := os.environ.get("EDGECOMPRESS_TARGETS_DIR"):
+        dirs.extend(Path(p) for p in env.split(os.pathsep) if p)
+    here = Path(__file__).resolve().parent
+    packaged = here / "_targets"  # inside a wheel
+    dirs.append(packaged if packaged.is_dir() else here.parent / "targets")  # editable install / source tree
+    return dirs
+
+
+def available_targets() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in target_dirs():
+        if d.is_dir():
+            for f in sorted(d.glob("*.toml")):
+                found.setdefault(f.stem, f)
+    return found
+
+
+def load_target_file(path: Path) -> Target:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read target file {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"malformed target file {path}: {e}", hint="it must be valid TOML") from None
+    return _parse(path, data, hashlib.sha256(raw).hexdigest())
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """A target by name (targets/NAME.toml) or by the path of a .toml file."""
+    text = str(name_or_path)
+    if text.endswith(".toml") or os.sep in text:
+        p = Path(text)
+        if not p.is_file():
+            raise ConfigError(f"target file not found: {p}")
+        return load_target_file(p)
+    known = available_targets()
+    if text not in known:
+        close = difflib.get_close_matches(text, list(known), n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known targets: {', '.join(sorted(known))}"
+        raise ConfigError(f"unknown target '{text}'", hint=hint + " See `edgecompress targets list`")
+    return load_target_file(known[text])

