@@ -76,3 +76,16 @@ def run_onnx(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.nda
 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, feed)
+
+
+@pytest.fixture(scope="session")
+def minilm_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled MiniLM exported once per session with optimum (FP32 model.onnx plus tokenizer files).
+
+    Tests of passes should load this rather than exporting again: CI time is shared by every test.
+    """
+    from edgecompress import export
+
+    out = tmp_path_factory.mktemp("minilm-export")
+    info = export.inspect_model(bundled_model_dir())
+    return export.export_onnx(bundled_model_dir(), info, out).onnx_path
