@@ -64,6 +64,7 @@ def build(
     force: bool = False,
     trust_remote_code: bool = False,
     runs: int = 30,
+    cache: bool = True,
     progress: Progress | None = None,
     **recipe_options: Any,
 ) -> Manifest:
@@ -80,6 +81,6 @@ def build(
         out=Path(out) if out is not None else None,
         calibration=Path(calibration) if calibration is not None else None,
         eval=Path(eval) if eval is not None else None, text_column=text_column, task=task, force=force,
-        trust_remote_code=trust_remote_code, runs=runs, recipe_options=RecipeOptions(**recipe_options),
+        trust_remote_code=trust_remote_code, runs=runs, cache=cache, recipe_options=RecipeOptions(**recipe_options),
     )
     return _build(opts, progress)

@@ -81,15 +81,28 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1),
               help="Timed runs when profiling on this host.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that need code from their repo.")
+@click.option("--max-size-mb", type=click.FloatRange(min=0, min_open=True), help="Override the size budget (MB).")
+@click.option("--max-ram-mb", type=click.FloatRange(min=0, min_open=True), help="Override the peak RAM budget (MB).")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
+              help="Override the p90 latency budget (ms).")
+@click.option("--min-fidelity", type=float, help="Override the floor of the task's primary fidelity metric "
+              "(cosine_mean for embeddings, top1_agreement for classifiers).")
+@click.option("--max-candidates", type=click.IntRange(min=1), help="--recipe auto: build at most this many.")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True),
+              help="--recipe auto: stop building candidates after this many seconds.")
+@click.option("--keep-best", is_flag=True, help="--recipe auto: write the closest bundle even if nothing fits.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the build cache (see `edgecompress cache`).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def build(model: Path | None, target: str, recipe: str | None, out: Path | None, calibration: Path | None,
           eval_file: Path | None, text_column: str | None, task: str | None, runs: int, trust_remote_code: bool,
-          force: bool, as_json: bool, debug: bool) -> None:
+          max_size_mb: float | None, max_ram_mb: float | None, max_latency_ms: float | None,
+          min_fidelity: float | None, max_candidates: int | None, time_budget: float | None, keep_best: bool,
+          no_cache: bool, force: bool, as_json: bool, debug: bool) -> None:
     """Export MODEL, compress it with a recipe, measure it, check the target's budgets, write a bundle.
 
-    MODEL is a local Hugging Face model directory; without it, the bundled all-MiniLM-L6-v2 is used.
+    MODEL is a local Hugging Face model directory or an .onnx file; without it, the bundled all-MiniLM-L6-v2.
     Exit codes: 0 within every budget, 3 a budget failed (bundle still written), 2 usage error,
     1 other error, 130 interrupted. Nothing is written on 1, 2 or 130.
 
@@ -98,6 +111,7 @@ def build(model: Path | None, target: str, recipe: str | None, out: Path | None,
       edgecompress build --target raspberry-pi-5
       edgecompress build --target host --recipe int8-dynamic --out /tmp/x
       edgecompress build ./my-model --target phone-arm64 --eval texts.csv --text-column sentence --json
+      edgecompress build --target raspberry-pi-4 --recipe auto --max-size-mb 15
     """
     from edgecompress.pipeline import BuildOptions
     from edgecompress.pipeline import build as run_build
@@ -105,16 +119,30 @@ def build(model: Path | None, target: str, recipe: str | None, out: Path | None,
     _interrupt_on_sigterm()
     opts = BuildOptions(model=model, target=target, recipe=recipe, out=out, calibration=calibration,
                         eval=eval_file, text_column=text_column, task=task, force=force,
-                        trust_remote_code=trust_remote_code, runs=runs)
+                        trust_remote_code=trust_remote_code, runs=runs, cache=not no_cache,
+                        budgets={k: v for k, v in (("max_size_mb", max_size_mb), ("max_peak_ram_mb", max_ram_mb),
+                                                   ("max_latency_p90_ms", max_latency_ms)) if v is not None},
+                        min_fidelity=min_fidelity)
+    if recipe != "auto" and (max_candidates or time_budget or keep_best):
+        click.echo("error: --max-candidates, --time-budget and --keep-best go with --recipe auto", err=True)
+        sys.exit(2)
+
+    def run(progress: Any = None) -> Any:
+        if recipe == "auto":
+            from edgecompress.search import build_auto
+
+            return build_auto(opts, progress, max_candidates=max_candidates, time_budget_s=time_budget,
+                              keep_best=keep_best)
+        return run_build(opts, progress)
 
     def body() -> int:
         if sys.stderr.isatty() and not as_json:
             from edgecompress.progress import RichProgress
 
             with RichProgress() as progress:
-                manifest = run_build(opts, progress)
+                manifest = run(progress)
         else:
-            manifest = run_build(opts)
+            manifest = run()
         if as_json:
             click.echo(json.dumps(manifest.summary(), indent=2))
         else:
@@ -137,12 +165,28 @@ def _print_verdict(manifest: Any) -> None:
         verdict = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
         table.add_row(r.name, value, f"{r.comparison} {limit}", r.unit, verdict, r.source)
     console.print(table)
+    if manifest.search:
+        _print_search(console, manifest.search)
     console.print(f"bundle: {manifest.bundle_dir}  model.onnx {manifest.artifact.size_mb:.2f} MB  sha256 "
                   f"{manifest.artifact.sha256[:16]}…")
     if manifest.passed:
         console.print("[green]within every budget[/]")
     else:
         console.print("[red]budget failed:[/] " + "; ".join(r.miss() for r in manifest.failed_budgets))
+
+
+def _print_search(console: Any, search: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"recipe search: chose {search['chosen']} ({search['why']})")
+    for col in ("candidate", "status", search["metric"], "MB", "why"):
+        table.add_column(col)
+    for c in search["candidates"]:
+        fid = c.get("fidelity", {}).get(search["metric"])
+        table.add_row(c["candidate"] + (" ✔" if c.get("chosen") else ""), c["status"],
+                      "" if fid is None else f"{fid:.4f}", "" if c.get("size_mb") is None else f"{c['size_mb']:.2f}",
+                      c.get("why") or c.get("reason", ""))
+    console.print(table)
 
 
 @main.group()
@@ -223,6 +267,130 @@ def recipes_cmd() -> None:
 
     for spec in RECIPES.values():
         click.echo(f"{spec.name:14s} {spec.description}")
+
+
+@main.group()
+def cache() -> None:
+    """Inspect or clear the build cache (exports, reference outputs, pass outputs).
+
+    The cache lives in the user's cache dir (or $EDGECOMPRESS_CACHE_DIR); every entry is keyed by a hash of
+    everything that determines it, so a change to any input misses.
+
+    \b
+    Examples:
+      edgecompress cache info
+      edgecompress cache clear
+    """
+
+
+@cache.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_info(as_json: bool) -> None:
+    """Where the cache is and what it holds.
+
+    \b
+    Example:
+      edgecompress cache info
+    """
+    from edgecompress.cache import Cache
+
+    def body() -> int:
+        info = Cache().info()
+        if as_json:
+            click.echo(json.dumps({"root": info.root, "entries": info.entries, "bytes": info.bytes}, indent=2))
+            return 0
+        click.echo(f"cache: {info.root}")
+        for kind in sorted(info.entries):
+            click.echo(f"  {kind:10s} {info.entries[kind]:5d} entries  {info.bytes[kind] / 1e6:10.1f} MB")
+        click.echo(f"  total      {sum(info.entries.values()):5d} entries  {info.total_bytes / 1e6:10.1f} MB")
+        return 0
+
+    _run(body, False)
+
+
+@cache.command("clear")
+def cache_clear() -> None:
+    """Remove every cache entry.
+
+    \b
+    Example:
+      edgecompress cache clear
+    """
+    from edgecompress.cache import Cache
+
+    def body() -> int:
+        c = Cache()
+        n = c.clear()
+        click.echo(f"removed {n} entries from {c.root}")
+        return 0
+
+    _run(body, False)
+
+
+@main.command()
+@click.option("--models", default="minilm", show_default=True,
+              help="Comma-separated MODEL paths (HF dirs or .onnx files) or bundled names (minilm).")
+@click.option("--targets", "targets_", default="all", show_default=True, help="Comma-separated target names, or all.")
+@click.option("--recipes", default="int8-dynamic", show_default=True,
+              help="Comma-separated recipe names, or auto (search per target).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory for all bundles.")
+@click.option("--executor", default="local", show_default=True,
+              help="local (a process pool sized to the cores) or dask://HOST:PORT (an existing Dask cluster).")
+@click.option("--workers", type=click.IntRange(min=1), help="Local executor: jobs at once [default: the cores].")
+@click.option("--runs", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs per job.")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Evaluation texts for every job.")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration texts for every job.")
+@click.option("--text-column", help="Column (.csv/.tsv) or field (.jsonl) holding the text.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def sweep(models: str, targets_: str, recipes: str, out: Path, executor: str, workers: int | None, runs: int,
+          eval_file: Path | None, calibration: Path | None, text_column: str | None, as_json: bool,
+          debug: bool) -> None:
+    """Build every model × target × recipe as an independent job; write a results table and Pareto plots.
+
+    Jobs whose bundle already exists with the same build key are skipped, so rerunning resumes. A failed job is
+    reported with its one-line error and does not stop the others. Exit codes: 0 every job built within budgets,
+    3 some job failed a budget or failed outright (see results), 2 usage error.
+
+    \b
+    Examples:
+      edgecompress sweep --targets all --recipes int8-dynamic,fp32 --out sweeps/minilm
+      edgecompress sweep --models ./a,./b --targets raspberry-pi-5,phone-arm64 --recipes auto --out sweeps/ab
+      edgecompress sweep --targets all --recipes auto --out sweeps/x --executor dask://10.0.0.5:8786
+    """
+    from edgecompress.recipes import RECIPES
+    from edgecompress.sweep import parse_list
+    from edgecompress.sweep import sweep as run_sweep
+    from edgecompress.targets import available_targets
+
+    _interrupt_on_sigterm()
+
+    def body() -> int:
+        model_list: list[str | None] = [m for m in parse_list(models, [], "models")]
+        target_list = parse_list(targets_, sorted(available_targets()), "targets")
+        recipe_list = parse_list(recipes, list(RECIPES), "recipes")
+        console = _console(stderr=True)
+
+        def on_result(r: Any) -> None:
+            if not as_json:
+                mark = {"built": "[green]built[/]", "skipped": "[cyan]skipped[/]", "failed": "[red]failed[/]"}
+                console.print(f"{mark[r.status]} {r.job}" + (f": {r.error}" if r.error else ""))
+
+        result = run_sweep(model_list, target_list, recipe_list, out, executor=executor, workers=workers,
+                           runs=runs, eval_file=eval_file, calibration=calibration, text_column=text_column,
+                           on_result=on_result)
+        if as_json:
+            click.echo(json.dumps([r.row() for r in result.results], indent=2, default=str))
+        else:
+            built = sum(r.status == "built" for r in result.results)
+            skipped = sum(r.status == "skipped" for r in result.results)
+            _console().print(f"{len(result.results)} jobs: {built} built, {skipped} skipped, "
+                             f"{len(result.failed)} failed in {result.seconds:.1f} s on {result.executor}; "
+                             f"results in {out}/summary.md")
+        ok = not result.failed and all(r.passed for r in result.results)
+        return 0 if ok else EXIT_BUDGET_FAILED
+
+    _run(body, debug)
 
 
 if __name__ == "__main__":

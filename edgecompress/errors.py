@@ -21,6 +21,10 @@ class EdgeCompressError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        # keep the hint when an error crosses a process boundary (sweep workers)
+        return (type(self), (self.message, self.hint))
+
     def one_line(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 

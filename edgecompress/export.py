@@ -33,6 +33,8 @@ SUPPORTED_TASKS: dict[str, str] = {
     "feature-extraction": "last_hidden_state",
     "text-classification": "logits",
 }
+# An .onnx file given as MODEL: no export, fidelity against the file itself on seeded random inputs.
+ONNX_TASK = "onnx"
 # config.json "architectures" suffix -> task, for inference when --task is not given.
 _ARCH_SUFFIX_TASK = (
     ("ForSequenceClassification", "text-classification"),
@@ -84,6 +86,10 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
+    if model_dir.suffix == ".onnx" and model_dir.is_file():
+        from edgecompress.model import artifact_files
+
+        return artifact_files(model_dir)
     files = sorted({p for pattern in WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
     if not files:
         raise ModelError(f"{model_dir} holds no weights (looked for {', '.join(WEIGHT_PATTERNS)})")
@@ -99,7 +105,9 @@ def infer_task(config: dict[str, Any]) -> str:
 
 
 def inspect_model(model_dir: Path, task: str | None = None, trust_remote_code: bool = False) -> ModelInfo:
-    """Validate a model dir and say what it is, before any heavy work starts."""
+    """Validate a model dir (or an .onnx file) and say what it is, before any heavy work starts."""
+    if model_dir.suffix == ".onnx" and model_dir.is_file():
+        return inspect_onnx_file(model_dir, task)
     config = read_config(model_dir)
     weight_files(model_dir)
     if config.get("auto_map") and not trust_remote_code:
@@ -137,6 +145,21 @@ def inspect_model(model_dir: Path, task: str | None = None, trust_remote_code: b
     )
 
 
+def inspect_onnx_file(path: Path, task: str | None) -> ModelInfo:
+    """An ONNX file brought as is: no export, judged against itself on seeded random inputs."""
+    import onnx
+
+    if task not in (None, ONNX_TASK):
+        raise ModelError(f"--task {task} does not apply to an ONNX file", hint="leave --task out for .onnx models")
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0] if str(e) else e}") from None
+    if not m.graph.output:
+        raise ModelError(f"{path} has no graph outputs")
+    return ModelInfo(model_type="onnx", architecture=m.graph.name or path.stem, task=ONNX_TASK)
+
+
 @dataclass
 class ExportResult:
     onnx_path: Path
@@ -148,10 +171,12 @@ class ExportResult:
 
 
 def export_onnx(model_dir: Path, info: ModelInfo, out_dir: Path, opset: int | None = None) -> ExportResult:
-    """optimum's exporter into out_dir: model.onnx plus config and tokenizer files."""
+    """optimum's exporter into out_dir: model.onnx plus config and tokenizer files (an .onnx MODEL is copied)."""
+    t0 = time.perf_counter()
+    if info.task == ONNX_TASK:
+        return _copy_onnx(model_dir, out_dir, t0)
     from optimum.exporters.onnx import main_export
 
-    t0 = time.perf_counter()
     try:
         with quiet_libraries():
             main_export(str(model_dir), output=str(out_dir), task=info.task, library_name="transformers",
@@ -170,6 +195,20 @@ def export_onnx(model_dir: Path, info: ModelInfo, out_dir: Path, opset: int | No
     opset_used = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ExportResult(onnx_path=onnx_path, task=info.task, opset=opset_used,
                         seconds=time.perf_counter() - t0, output_name=SUPPORTED_TASKS[info.task],
+                        files=sorted(p.name for p in out_dir.iterdir()))
+
+
+def _copy_onnx(src: Path, out_dir: Path, t0: float) -> ExportResult:
+    import onnx
+
+    from edgecompress.model import save_model
+
+    m = onnx.load(str(src))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(m, out_dir / "model.onnx")
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ExportResult(onnx_path=out_dir / "model.onnx", task=ONNX_TASK, opset=opset,
+                        seconds=time.perf_counter() - t0, output_name=m.graph.output[0].name,
                         files=sorted(p.name for p in out_dir.iterdir()))
 
 
@@ -212,11 +251,11 @@ class ExportCheck:
     batches: int
     texts: int
     output: str
+    reference: str = "PyTorch FP32 (transformers)"
 
     def as_dict(self) -> dict[str, Any]:
         return {"max_abs_diff": self.max_abs_diff, "atol": self.atol, "passed": self.passed,
-                "batches": self.batches, "texts": self.texts, "output": self.output,
-                "reference": "PyTorch FP32 (transformers)"}
+                "batches": self.batches, "texts": self.texts, "output": self.output, "reference": self.reference}
 
 
 def check_export(reference: TorchReference, onnx_path: Path, batches: Iterable[Batch],
@@ -238,16 +277,3 @@ def check_export(reference: TorchReference, onnx_path: Path, batches: Iterable[B
         raise ExportError(f"the ONNX export differs from PyTorch by {worst:.3g} (> {atol:g})",
                           hint="try another --opset, or report the model architecture")
     return check
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("edgecompress", "onnx", "onnxruntime", "optimum", "optimum-onnx", "transformers", "torch",
-                "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out

@@ -39,6 +39,9 @@ class Manifest:
     timings_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     bundle_dir: str = ""  # where the build wrote it (the bundle itself may move)
+    cache: dict[str, Any] = field(default_factory=dict)  # which steps came from the cache
+    build_key: str = ""  # sha256 of everything that determines this bundle (pipeline.build_key)
+    search: dict[str, Any] = field(default_factory=dict)  # --recipe auto: every candidate and why
     schema: int = SCHEMA_VERSION
 
     @property

@@ -24,13 +24,20 @@ TaskKind = Literal["feature-extraction", "text-classification"]
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("cosine_mean", True, "", ("feature-extraction",),
+        Metric("cosine_mean", True, "", ("feature-extraction", "onnx"),
                "mean cosine between pooled embeddings and the reference's"),
-        Metric("cosine_p1", True, "", ("feature-extraction",), "1st percentile of that cosine"),
-        Metric("cosine_min", True, "", ("feature-extraction",), "worst text's cosine"),
+        Metric("cosine_p1", True, "", ("feature-extraction", "onnx"), "1st percentile of that cosine"),
+        Metric("cosine_min", True, "", ("feature-extraction", "onnx"), "worst text's cosine"),
         Metric("top1_agreement", True, "", ("text-classification",),
                "share of texts whose arg-max class matches the reference's"),
         Metric("kl_mean", False, "nats", ("text-classification",),
                "mean KL(reference || candidate) of the class distributions"),
     )
+}
+
+# The metric a task is judged on first: --min-fidelity sets its floor, --recipe auto ranks by it.
+PRIMARY_METRIC: dict[str, str] = {
+    "feature-extraction": "cosine_mean",
+    "text-classification": "top1_agreement",
+    "onnx": "cosine_mean",
 }

@@ -10,19 +10,18 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import onnx
-
-from edgecompress import budget, export
+from edgecompress import budget, export, steps
 from edgecompress.bundle import StagedDir, check_out_dir
+from edgecompress.cache import Cache, digest, hash_texts
 from edgecompress.calibration import TextSet, builtin_texts, load_texts
-from edgecompress.errors import BuildInterrupted, ModelError, PassError
+from edgecompress.errors import BuildInterrupted, ModelError
 from edgecompress.manifest import Artifact, Manifest
-from edgecompress.metrics import METRICS
+from edgecompress.metrics import METRICS, PRIMARY_METRIC
 from edgecompress.model import artifact_size_bytes, load_model, save_model, sha256_file, sha256_files
 from edgecompress.passes.base import ModelInfo, PassContext
 from edgecompress.profiling import profile_artifact
@@ -31,6 +30,7 @@ from edgecompress.recipes import Recipe, RecipeOptions, make_recipe
 from edgecompress.report import render_markdown
 from edgecompress.targets import Target, load_target
 from edgecompress.tasks import TextInputs, make_task
+from edgecompress.versions import cache_versions, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,18 @@ BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
 _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model",
                "added_tokens.json", "generation_config.json")
+
+
+# MODEL names that mean a model shipped by a package rather than a path
+BUNDLED_ALIASES = ("minilm", BUNDLED_MODEL_NAME)
+
+
+def resolve_model(model: str | Path | None) -> tuple[Path, str]:
+    """(path, display name) for a MODEL argument: a path, a bundled alias, or None for the default model."""
+    if model is None or str(model) in BUNDLED_ALIASES:
+        return bundled_model_path(), BUNDLED_MODEL_NAME
+    path = Path(model)
+    return path, path.stem if path.suffix == ".onnx" else path.resolve().name
 
 
 def bundled_model_path() -> Path:
@@ -64,7 +76,11 @@ class BuildOptions:
     trust_remote_code: bool = False
     recipe_options: RecipeOptions = field(default_factory=RecipeOptions)
     budgets: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. {"max_size_mb": 15}
+    min_fidelity: float | None = None  # overrides the floor of the task's primary fidelity metric
     runs: int = 30
+    cache: bool = True
+    # onnxruntime threads for this build's own sessions; None: the target's (a sweep sets its job's share)
+    threads: int | None = None
     eval_batch_size: int = 32
     seed: int = 0
 
@@ -87,9 +103,11 @@ def plan(opts: BuildOptions) -> _Plan:
     target = load_target(opts.target)
     if opts.budgets:
         target = replace(target, budgets=replace(target.budgets, **opts.budgets))
-    model_dir = Path(opts.model) if opts.model else bundled_model_path()
-    model_name = BUNDLED_MODEL_NAME if opts.model is None else model_dir.resolve().name
+    model_dir, model_name = resolve_model(opts.model)
     info = export.inspect_model(model_dir, opts.task, opts.trust_remote_code)
+    if opts.min_fidelity is not None:
+        floors = {**target.budgets.fidelity, PRIMARY_METRIC[info.task]: opts.min_fidelity}
+        target = replace(target, budgets=replace(target.budgets, fidelity=floors))
     recipe = make_recipe(opts.recipe or target.default_recipe, opts.recipe_options, task=info.task)
     eval_texts = load_texts(opts.eval, opts.text_column) if opts.eval else builtin_texts("evaluation")
     calib_texts = (load_texts(opts.calibration, opts.text_column) if opts.calibration
@@ -99,8 +117,23 @@ def plan(opts: BuildOptions) -> _Plan:
     return _Plan(model_dir, model_name, info, target, recipe, eval_texts, calib_texts, out)
 
 
+def build_key(p: _Plan, opts: BuildOptions, recipe: dict[str, Any] | None = None) -> str:
+    """Everything that determines a bundle: a sweep skips a job whose bundle already carries this key."""
+    return digest({"source": steps.source_fingerprint(p.model_dir), "task": p.info.task,
+                   "target": asdict(p.target), "recipe": recipe or p.recipe.describe(),
+                   "eval": hash_texts(p.eval_texts.texts), "calibration": hash_texts(p.calibration_texts.texts),
+                   "runs": opts.runs, "seed": opts.seed, "versions": cache_versions()})
+
+
 def build(opts: BuildOptions, progress: Progress | None = None) -> Manifest:
-    """Build a bundle. Raises EdgeCompressError subclasses; BuildInterrupted on Ctrl-C (nothing left behind)."""
+    """Build a bundle. Raises EdgeCompressError subclasses; BuildInterrupted on Ctrl-C (nothing left behind).
+
+    `recipe="auto"` searches (search.build_auto); use that function directly for its controls.
+    """
+    if opts.recipe == "auto":
+        from edgecompress.search import build_auto
+
+        return build_auto(opts, progress)
     p = plan(opts)
     try:
         with StagedDir(p.out, opts.force) as stage:
@@ -116,28 +149,31 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     work = stage / "_work"
     info, target = p.info, p.target
 
+    cache = Cache(enabled=opts.cache)
+
     t0 = time.perf_counter()
-    with progress.step("export (optimum)"):
-        exp = export.export_onnx(p.model_dir, info, work / "export")
+    exported = steps.run_export(cache, p.model_dir, info, work / "export", progress)
+    exp = exported.result
     timings["export"] = time.perf_counter() - t0
 
     fp32 = load_model(exp.onnx_path)
-    task = make_task(info, TextInputs(model_dir=p.model_dir, export_dir=work / "export",
+    task = make_task(info, TextInputs(model_dir=p.model_dir, export_dir=exp.onnx_path.parent,
                                       input_names=[i.name for i in fp32.graph.input], eval_texts=p.eval_texts,
                                       calibration_texts=p.calibration_texts, eval_batch_size=opts.eval_batch_size))
     t0 = time.perf_counter()
-    check = task.check_export(exp.onnx_path, progress)
+    check, _ = steps.run_reference(cache, task, exported, work / "reference", progress)
     timings["reference"] = time.perf_counter() - t0
 
-    ctx = PassContext(target=target, info=info, calibration=task.calibration_batches, seed=opts.seed, log=log.info)
-    model, pass_records = run_recipe(p.recipe, fp32, ctx, progress)
-    timings["passes"] = sum(r["seconds"] for r in pass_records)
+    ctx = PassContext(target=target, info=info, calibration=task.calibration_batches, seed=opts.seed, log=log.info,
+                      calibration_id=task.calibration_id())
+    model, pass_records, _ = steps.run_recipe(cache, p.recipe, fp32, exported.key, ctx, work / "passes", progress)
+    timings["passes"] = sum(r["seconds"] for r in pass_records if not r["cached"])
 
     model_path = stage / "model.onnx"
     save_model(model, model_path)
     for name in _SIDE_FILES:
-        if (work / "export" / name).is_file():
-            shutil.copy2(work / "export" / name, stage / name)
+        if (exp.onnx_path.parent / name).is_file():
+            shutil.copy2(exp.onnx_path.parent / name, stage / name)
 
     t0 = time.perf_counter()
     fidelity = task.fidelity(model_path, progress)
@@ -145,24 +181,27 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
 
     t0 = time.perf_counter()
     profile, figures = profile_artifact(model, model_path, target, task.profile_dims(target),
-                                        vocab_size=info.vocab_size, runs=opts.runs, progress=progress)
+                                        vocab_size=info.vocab_size, runs=opts.runs, progress=progress,
+                                        threads=opts.threads)
     timings["profile"] = time.perf_counter() - t0
     for name, value in fidelity.metrics.items():
         figures[name] = budget.Figure(value, METRICS[name].unit, "measured-on-host")
     rows = budget.check(target.budgets, figures)
 
-    shutil.rmtree(work)
+    shutil.rmtree(work, ignore_errors=True)  # scratch only exists when the cache is off
     files = sorted({*(f.name for f in stage.iterdir()), "manifest.json", "report.md"})
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        tool={**export.library_versions(), "python": platform.python_version()},
+        tool={**library_versions(), "python": platform.python_version()},
         source={"name": p.model_name, "path": str(p.model_dir.resolve()), "task": info.task,
                 "architecture": info.architecture, "model_type": info.model_type,
                 "weights_sha256": sha256_files(export.weight_files(p.model_dir), p.model_dir)},
         target=target.summary(),
         recipe={**p.recipe.describe(), "passes": pass_records},
         export={"task": info.task, "opset": exp.opset, "seconds": exp.seconds, "check": check.as_dict(),
-                "exporter": "optimum.exporters.onnx.main_export"},
+                "exporter": ("none (ONNX given)" if info.task == export.ONNX_TASK
+                             else "optimum.exporters.onnx.main_export"),
+                "cached": exported.cached},
         fidelity=fidelity.as_dict(),
         profile=profile,
         budgets=rows,
@@ -170,26 +209,10 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
                           sha256=sha256_file(model_path)),
         timings_s={k: round(v, 3) for k, v in timings.items()},
         warnings=task.warnings,
+        cache={"dir": str(cache.root) if cache.enabled else None, "hits": cache.hits, "misses": cache.misses},
+        build_key=build_key(p, opts),
         bundle_dir=str(p.out.absolute()),
     )
     (stage / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
     (stage / "report.md").write_text(render_markdown(manifest), encoding="utf-8")
     return manifest
-
-
-def run_recipe(recipe: Recipe, model: onnx.ModelProto, ctx: PassContext,
-               progress: Progress) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
-    """Apply the recipe's passes in order; each pass's config, report and time go into the manifest."""
-    records: list[dict[str, Any]] = []
-    for ps in recipe.passes:
-        with progress.step(f"pass {ps.name}"):
-            t0 = time.perf_counter()
-            result = ps.run(model, ctx)
-            seconds = time.perf_counter() - t0
-        records.append({**ps.describe(), "report": result.report, "modified": result.modified,
-                        "seconds": round(seconds, 3)})
-        if recipe.quantizing and not result.modified:
-            raise PassError(f"pass {ps.name} changed nothing: {result.report.get('skipped', 'no reason given')}",
-                            hint="this recipe does not apply to this model; try --recipe fp32")
-        model = result.model
-    return model, records

@@ -27,7 +27,7 @@ class RecipeSpec:
     make: Callable[[RecipeOptions], list[Pass]]
     # Whether the recipe claims integer/low-bit kernels (the int-kernel share check applies).
     quantizing: bool = False
-    tasks: tuple[str, ...] = ("feature-extraction", "text-classification")
+    tasks: tuple[str, ...] = ("feature-extraction", "text-classification", "onnx")
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,23 @@ def render_markdown(m: Manifest) -> str:
                     continue
                 out.append(f"- {k}: {_num(v) if not isinstance(v, dict) else v}")
             out.append("")
+    if m.search:
+        out += search_section(m.search)
     if m.warnings:
         out += ["## Warnings", "", *[f"- {w}" for w in m.warnings], ""]
     out += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in m.tool.items()), ""]
     return "\n".join(out)
+
+
+def search_section(search: dict) -> list[str]:
+    lines = ["## Recipe search (--recipe auto)", "",
+             f"Chosen: **{search['chosen']}** — {search['why']}. Ranked by `{search['metric']}`, then size, then "
+             f"latency; {search['seconds']} s.", "",
+             "| candidate | status | fidelity | size MB | why |", "|---|---|---|---|---|"]
+    for c in search["candidates"]:
+        fid = c.get("fidelity", {}).get(search["metric"])
+        size = c.get("size_mb")
+        why = c.get("why") or c.get("reason", "")
+        lines.append(f"| {c['candidate']}{' ✔' if c.get('chosen') else ''} | {c['status']} | "
+                     f"{'' if fid is None else f'{fid:.4f}'} | {'' if size is None else f'{size:.2f}'} | {why} |")
+    return [*lines, ""]

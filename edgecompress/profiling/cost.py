@@ -6,8 +6,11 @@ as MatMulNBits and DynamicQuantizeMatMul); ONNX's own inference is the fallback.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -46,15 +49,29 @@ class NodeCost:
     is_matmul: bool
 
 
+@functools.cache
+def _symbolic_shape_inference() -> Any:
+    """ORT's SymbolicShapeInference, loaded from its file: the onnxruntime.tools package imports torch (seconds)."""
+    import importlib.util
+
+    import onnxruntime
+
+    path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+    spec = importlib.util.spec_from_file_location("_edgecompress_ort_symbolic_shape_infer", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
+
+
 def concrete_shapes(model: onnx.ModelProto, dims: dict[str, int]) -> tuple[dict[str, tuple[int, ...] | None],
                                                                              dict[str, int]]:
     """(value name -> shape, value name -> elem type) with the symbolic input dims set to numbers."""
     m = with_concrete_inputs(model, dims)
     inferred: onnx.ModelProto | None = None
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inferred = SymbolicShapeInference.infer_shapes(m, auto_merge=True, guess_output_rank=True)
+        inferred = _symbolic_shape_inference().infer_shapes(m, auto_merge=True, guess_output_rank=True)
     except Exception as e:  # it raises on graphs it does not know; ONNX's inference is the fallback
         log.debug("symbolic shape inference failed (%s); using onnx.shape_inference", e)
     if inferred is None:

@@ -1,0 +1,340 @@
+"""`build --recipe auto`: find the recipe that fits a target's budgets, and say why the others did not.
+
+1. Candidates: every applicable recipe and a grid of its options (codebook bits, pruning ratios, compositions);
+   those that cannot help on the target (fp16 without fp16 arithmetic, int8 on providers without int8 kernels,
+   CPU-only kernels on a GPU target) are left out with the reason.
+2. Cheap predictions first: size, resident memory and roofline latency predicted from the FP32 graph at each
+   candidate's weight precision; a candidate predicted to miss a budget by a clear margin is rejected unbuilt.
+3. The rest are built (sharing the cached export and reference) and measured like any build.
+4. The choice: the candidate within every budget with the best fidelity; ties go to the smaller, then the faster.
+5. Every candidate, with its figures and why it was rejected or not chosen, goes into the manifest and report.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgecompress import steps
+from edgecompress.bundle import StagedDir
+from edgecompress.cache import Cache
+from edgecompress.errors import BuildInterrupted, EdgeCompressError, UsageError
+from edgecompress.manifest import Manifest
+from edgecompress.metrics import METRICS, PRIMARY_METRIC
+from edgecompress.progress import NullProgress, Progress
+from edgecompress.recipes import RECIPES, RecipeOptions
+from edgecompress.targets import Target
+
+log = logging.getLogger(__name__)
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# A prediction must miss a budget by this factor before a candidate is rejected unbuilt: predictions are rough.
+PREDICTION_MARGIN = 1.25
+
+
+@dataclass(frozen=True)
+class Candidate:
+    recipe: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        opts = ",".join(f"{k.replace('_', '-')}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.recipe}[{opts}]" if opts else self.recipe
+
+
+# (recipe, options) to try, in order; entries whose recipe or option fields do not exist are skipped.
+GRID: tuple[Candidate, ...] = (
+    Candidate("fp32"),
+    Candidate("fp16"),
+    Candidate("int8-dynamic"),
+    Candidate("int8-static"),
+    Candidate("int8-mixed"),
+    Candidate("int4"),
+    Candidate("codebook", {"codebook_bits": 6}),
+    Candidate("codebook", {"codebook_bits": 4}),
+    Candidate("codebook", {"codebook_bits": 3}),
+    Candidate("int8-dynamic", {"prune_ffn": 0.25}),
+    Candidate("codebook", {"codebook_bits": 4, "prune_ffn": 0.25}),
+    Candidate("int4", {"prune_ffn": 0.25}),
+)
+
+# Weight bytes per parameter (MatMul/Gemm weights, word-embedding Gather) and matmul compute precision, per
+# recipe: what the prediction step assumes before building.
+_PREDICT = {
+    "fp32": (4.0, 4.0, "fp32"),
+    "fp16": (2.0, 2.0, "fp16"),
+    "int8-dynamic": (1.0, 1.0, "int8"),
+    "int8-static": (1.0, 1.0, "int8"),
+    "int8-mixed": (1.1, 1.0, "int8"),
+    "int4": (0.5 + 2 / 32, 0.5 + 2 / 32, "int4"),
+    "codebook": (None, None, "int8"),  # bits/8 on disk, int8 resident
+}
+
+
+def _why_not_on_target(recipe: str, target: Target) -> str | None:
+    """Why a recipe cannot help on this target, or None."""
+    gpu = any(p in GPU_PROVIDERS for p in target.runtime.providers)
+    isa = target.hardware.isa
+    if recipe == "fp16" and not gpu and "fp16" not in isa:
+        return "the CPU has no fp16 arithmetic (fp16 would run as fp32 with casts)"
+    if recipe in ("int8-dynamic", "int8-mixed", "codebook") and gpu:
+        return "dynamic int8 (MatMulInteger/DynamicQuantizeLinear) has no GPU kernels: it falls back to the CPU"
+    if recipe.startswith("int8") and not gpu and not isa & {"avx2", "avx512_vnni", "avx_vnni", "neon", "dotprod"}:
+        return "the CPU has no int8 dot-product path"
+    return None
+
+
+def candidates(task: str, target: Target, max_candidates: int | None = None
+               ) -> tuple[list[Candidate], list[dict[str, str]]]:
+    """(candidates to consider, excluded ones with the reason)."""
+    option_fields = {f.name for f in fields(RecipeOptions)}
+    keep: list[Candidate] = []
+    excluded: list[dict[str, str]] = []
+    for c in GRID:
+        spec = RECIPES.get(c.recipe)
+        if spec is None or not set(c.options) <= option_fields:
+            continue  # not available in this version
+        if task not in spec.tasks:
+            excluded.append({"candidate": c.name, "reason": f"does not apply to {task} models"})
+            continue
+        if (why := _why_not_on_target(c.recipe, target)) is not None:
+            excluded.append({"candidate": c.name, "reason": why})
+            continue
+        keep.append(c)
+    if max_candidates is not None and len(keep) > max_candidates:
+        for c in keep[max_candidates:]:
+            excluded.append({"candidate": c.name, "reason": f"beyond --max-candidates {max_candidates}"})
+        keep = keep[:max_candidates]
+    return keep, excluded
+
+
+@dataclass
+class Prediction:
+    size_mb: float
+    resident_mb: float
+    latency_ms: float | None
+
+
+def _weight_params(model: onnx.ModelProto) -> tuple[int, int, int]:
+    """(MatMul/Gemm weight params, Gather table params, other initializer params)."""
+    inits = {i.name: i for i in model.graph.initializer}
+
+    def n(name: str) -> int:
+        size = 1
+        for d in inits[name].dims:
+            size *= d
+        return size
+
+    mm = {i for node in model.graph.node if node.op_type in ("MatMul", "Gemm") for i in node.input[1:2] if i in inits}
+    ga = {node.input[0] for node in model.graph.node if node.op_type == "Gather" and node.input[0] in inits}
+    total = sum(n(i) for i in inits)
+    mm_n, ga_n = sum(n(i) for i in mm), sum(n(i) for i in ga - mm)
+    return mm_n, ga_n, total - mm_n - ga_n
+
+
+def predict(c: Candidate, fp32: onnx.ModelProto, target: Target, dims: dict[str, int]) -> Prediction:
+    mm, ga, other = _weight_params(fp32)
+    keep = 1.0 - 0.5 * float(c.options.get("prune_ffn", 0.0))  # FFN is about half of a transformer's matmuls
+    mm_b, ga_b, precision = _PREDICT.get(c.recipe, (4.0, 4.0, "fp32"))
+    if c.recipe == "codebook":
+        bits = float(c.options.get("codebook_bits", 4))
+        disk = (mm * keep + ga) * bits / 8 + other * 4
+        resident = (mm * keep + ga) * 1.0 + other * 4
+    else:
+        assert mm_b is not None and ga_b is not None
+        disk = resident = mm * keep * mm_b + ga * ga_b + other * 4
+    latency = None
+    try:
+        from edgecompress.profiling.cost import NodeCost, node_costs
+        from edgecompress.profiling.estimate import roofline_ms
+
+        costs = [NodeCost(nc.name, nc.op_type, precision if nc.is_matmul and nc.weight_bytes else nc.precision,
+                          nc.flops * (keep if nc.is_matmul and nc.weight_bytes else 1.0), nc.bytes, nc.weight_bytes,
+                          nc.is_matmul) for nc in node_costs(fp32, dims)]
+        latency, _ = roofline_ms(costs, target)
+    except Exception as e:  # the prediction is an optimisation; building still measures
+        log.debug("no latency prediction for %s: %s", c.name, e)
+    return Prediction(disk / 1e6, resident / 2**20 + target.estimate.runtime_baseline_mb, latency)
+
+
+def _predicted_misses(p: Prediction, target: Target) -> list[tuple[str, float]]:
+    """(text, value/limit) for each budget the prediction misses by more than the margin."""
+    b = target.budgets
+    checks = [(p.size_mb, b.max_size_mb, "size", "MB"), (p.resident_mb, b.max_peak_ram_mb, "peak RAM", "MB")]
+    if p.latency_ms is not None and not target.host:  # the host is measured, never predicted
+        checks.append((p.latency_ms, b.max_latency_p90_ms, "p90", "ms"))
+    return [(f"predicted {name} {value:.1f} {unit} > {limit:g} {unit} budget", value / limit)
+            for value, limit, name, unit in checks if value > limit * PREDICTION_MARGIN]
+
+
+def _rank_key(m: Manifest, metric: str) -> tuple[float, float, float]:
+    """Sort key: best fidelity first (to 4 decimals: closer is a tie), then smaller, then faster."""
+    value = m.fidelity["metrics"][metric]
+    fid = round(value if METRICS[metric].higher_is_better else -value, 4)
+    latency = next((r.value for r in m.budgets if r.name == "latency_p90" and r.value is not None), float("inf"))
+    return (-fid, m.artifact.size_bytes, latency)
+
+
+def _closeness(m: Manifest) -> tuple[int, float]:
+    """How near a failing candidate came: fewer failed budgets, then the smallest relative miss."""
+    misses = []
+    for r in m.failed_budgets:
+        if r.value is None or r.limit == 0:
+            misses.append(float("inf"))
+        else:
+            misses.append(abs(r.value - r.limit) / abs(r.limit))
+    return (len(misses), max(misses, default=0.0))
+
+
+def auto_key(opts: Any, max_candidates: int | None = None) -> str:
+    """The build key of an auto search: the inputs plus the candidates it would consider."""
+    from edgecompress.pipeline import build_key, plan
+
+    base = plan(replace(opts, recipe="fp32", force=True))
+    cands, excluded = candidates(base.info.task, base.target, max_candidates)
+    return build_key(base, opts, recipe={"name": "auto", "candidates": [c.name for c in cands],
+                                         "excluded": excluded, "margin": PREDICTION_MARGIN})
+
+
+def build_auto(opts: Any, progress: Progress | None = None, *, max_candidates: int | None = None,
+               time_budget_s: float | None = None, keep_best: bool = False) -> Manifest:
+    """Search, build the winner into opts.out; raises NothingFits (exit 3) when no candidate meets every budget."""
+    from edgecompress.pipeline import build, plan
+
+    progress = progress or NullProgress()
+    t_start = time.perf_counter()
+    base = plan(replace(opts, recipe="fp32"))  # validates model, target, texts and --out before any work
+    key = auto_key(opts, max_candidates)
+    target, info = base.target, base.info
+    metric = PRIMARY_METRIC[info.task]
+    cands, excluded = candidates(info.task, target, max_candidates)
+    if not cands:
+        raise UsageError(f"no recipe can run on {target.name} for this model",
+                         hint="; ".join(f"{e['candidate']}: {e['reason']}" for e in excluded) or None)
+
+    cache = Cache(enabled=opts.cache)
+    records: list[dict[str, Any]] = [{"candidate": e["candidate"], "status": "excluded", "reason": e["reason"]}
+                                     for e in excluded]
+    built: list[tuple[Candidate, Manifest]] = []
+    try:
+        with StagedDir(base.out, opts.force) as stage:
+            exported = steps.run_export(cache, base.model_dir, info, stage.path / "_work" / "export", progress)
+            fp32 = onnx.load(str(exported.result.onnx_path))
+            from edgecompress.tasks import TextInputs, make_task
+
+            dims = make_task(info, TextInputs(base.model_dir, exported.result.onnx_path.parent,
+                                              [i.name for i in fp32.graph.input], base.eval_texts,
+                                              base.calibration_texts)).profile_dims(target)
+            todo, rejected = [], []
+            for c in cands:
+                pred = predict(c, fp32, target, dims)
+                rec = {"candidate": c.name, "recipe": c.recipe, "options": c.options, "prediction": asdict(pred)}
+                if misses := _predicted_misses(pred, target):
+                    rejected.append((max(m[1] for m in misses), c, rec, "; ".join(m[0] for m in misses)))
+                else:
+                    todo.append((c, rec))
+            del fp32
+            rejected.sort(key=lambda r: r[0])
+            if not todo and rejected and keep_best:  # build the nearest miss so there is a bundle to keep
+                _, c, rec, why = rejected.pop(0)
+                todo.append((c, {**rec, "note": f"built despite the prediction (--keep-best): {why}"}))
+            if not todo and rejected:
+                _, c, _, why = rejected[0]
+                raise NothingFits(target.name, c.name, why)
+            records += [{**rec, "status": "rejected before building", "reason": why} for _, _, rec, why in rejected]
+            for c, rec in todo:
+                if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+                    records.append({**rec, "status": "not built", "reason": f"--time-budget {time_budget_s:g} s spent"})
+                    continue
+                cand_out = stage.path / "_candidates" / c.name.replace("/", "_")
+                try:
+                    with progress.step(f"candidate {c.name}"):
+                        m = build(replace(opts, recipe=c.recipe, out=cand_out, force=True,
+                                          recipe_options=RecipeOptions(**c.options)))
+                except BuildInterrupted:
+                    raise
+                except EdgeCompressError as e:
+                    records.append({**rec, "status": "failed", "reason": e.one_line()})
+                    continue
+                built.append((c, m))
+                records.append({**rec, "status": "built", "passed": m.passed, "fidelity": m.fidelity["metrics"],
+                                "size_mb": m.artifact.size_mb,
+                                "budgets": [r.as_dict() for r in m.budgets],
+                                "reason": "" if m.passed else "; ".join(r.miss() for r in m.failed_budgets)})
+            fitting = sorted((bm for bm in built if bm[1].passed), key=lambda bm: _rank_key(bm[1], metric))
+            if fitting:
+                chosen, why = fitting[0], f"meets every budget with the best {metric}"
+            elif built:
+                chosen = min(built, key=lambda bm: (_closeness(bm[1]), _rank_key(bm[1], metric)))
+                why = "closest to the budgets (nothing fits)"
+            else:
+                raise UsageError("no candidate could be built",
+                                 hint="; ".join(f"{r['candidate']}: {r['reason']}" for r in records)[:500])
+            for r in records:
+                if r["status"] == "built":
+                    if r["candidate"] == chosen[0].name:
+                        r["chosen"], r["why"] = True, why
+                    elif r["passed"]:
+                        r["why"] = f"fits, but ranks lower on {metric} / size / latency"
+            search = {"metric": metric, "chosen": chosen[0].name, "why": why,
+                      "candidates": records, "seconds": round(time.perf_counter() - t_start, 1),
+                      "max_candidates": max_candidates, "time_budget_s": time_budget_s,
+                      "prediction_margin": PREDICTION_MARGIN}
+            manifest = chosen[1]
+            manifest.build_key = key
+            if not manifest.passed and not keep_best:
+                raise NothingFits(target.name, chosen[0].name, _misses(manifest), manifest, search)
+            _promote(stage.path, chosen[0], manifest, search, base.out)
+            manifest.search = search
+            stage.commit()
+    except KeyboardInterrupt:
+        raise BuildInterrupted("interrupted: nothing was written") from None
+    if not manifest.passed:
+        raise NothingFits(target.name, chosen[0].name, _misses(manifest), manifest, search, written=True)
+    return manifest
+
+
+def _misses(m: Manifest) -> str:
+    return "; ".join(r.miss() for r in m.failed_budgets)
+
+
+def _promote(stage: Path, chosen: Candidate, manifest: Manifest, search: dict[str, Any], out: Path) -> None:
+    """Move the chosen candidate's bundle to the stage root and rewrite its manifest/report with the search."""
+    from edgecompress.report import render_markdown
+
+    src = stage / "_candidates" / chosen.name.replace("/", "_")
+    for f in src.iterdir():
+        shutil.move(str(f), stage / f.name)
+    shutil.rmtree(stage / "_candidates", ignore_errors=True)
+    shutil.rmtree(stage / "_work", ignore_errors=True)
+    manifest.search = search
+    manifest.bundle_dir = str(out.absolute())
+    manifest.recipe = {**manifest.recipe, "searched": True}
+    (stage / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
+    (stage / "report.md").write_text(render_markdown(manifest), encoding="utf-8")
+
+
+class NothingFits(EdgeCompressError):
+    """No candidate met every budget: exit 3, naming the closest and what it misses by."""
+
+    exit_code = 3
+
+    def __init__(self, target: str, closest: str, misses: str, manifest: Manifest | None = None,
+                 search: dict[str, Any] | None = None, written: bool = False) -> None:
+        super().__init__(f"no recipe fits {target}: the closest is {closest}: {misses}",
+                         hint=("the closest bundle was written (--keep-best)" if written
+                               else "pass --keep-best to write the closest bundle anyway"))
+        self.args_ = (target, closest, misses, manifest, search, written)
+        self.manifest = manifest
+        self.search = search
+        self.written = written
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.args_)

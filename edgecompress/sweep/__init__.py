@@ -1,0 +1,226 @@
+"""`edgecompress sweep`: build models × targets × recipes as independent jobs on an executor.
+
+Each job writes its bundle under the sweep's output dir and returns only its manifest summary. A failed job is a
+row with its one-line error; it never stops the others. A job whose bundle already carries the same build key is
+skipped, so rerunning a sweep resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecompress.errors import ConfigError, EdgeCompressError, UsageError
+from edgecompress.sweep.executors import Executor, Outcome, make_executor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str | None  # a path, or None for the bundled model
+    model_name: str
+    target: str
+    recipe: str
+    out: str
+    key: str
+    runs: int = 10
+    eval: str | None = None
+    calibration: str | None = None
+    text_column: str | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.out).name
+
+
+@dataclass
+class JobResult:
+    job: str
+    model: str
+    target: str
+    recipe: str
+    status: str  # built | skipped | failed
+    seconds: float = 0.0
+    passed: bool | None = None
+    error: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """A flat row for results.csv."""
+        s = self.summary
+        budgets = {b["name"]: b for b in s.get("budgets", [])}
+        fid = s.get("fidelity", {})
+        return {
+            "job": self.job, "model": self.model, "target": self.target, "recipe": self.recipe,
+            "chosen_recipe": s.get("recipe", ""), "status": self.status, "passed": self.passed,
+            "size_mb": s.get("artifact", {}).get("size_mb"),
+            "peak_ram_mb": budgets.get("peak_ram", {}).get("value"),
+            "peak_ram_source": budgets.get("peak_ram", {}).get("source"),
+            "latency_p90_ms": budgets.get("latency_p90", {}).get("value"),
+            "latency_source": budgets.get("latency_p90", {}).get("source"),
+            "fidelity_metric": next(iter(fid), None), "fidelity": next(iter(fid.values()), None),
+            "failed_budgets": "; ".join(s.get("failed", [])), "seconds": round(self.seconds, 2),
+            "error": self.error,
+        }
+
+
+def _options(spec: JobSpec, force: bool, threads: int | None = None) -> Any:
+    from edgecompress.pipeline import BuildOptions
+
+    return BuildOptions(model=Path(spec.model) if spec.model else None, target=spec.target, recipe=spec.recipe,
+                        out=Path(spec.out), eval=Path(spec.eval) if spec.eval else None,
+                        calibration=Path(spec.calibration) if spec.calibration else None,
+                        text_column=spec.text_column, force=force, runs=spec.runs, threads=threads)
+
+
+def run_job(spec: JobSpec) -> dict[str, Any]:
+    """Runs on a worker: build one bundle, return its manifest summary (budget failures are not errors)."""
+    from edgecompress.pipeline import build
+    from edgecompress.search import NothingFits, build_auto
+
+    threads = int(os.environ.get("EDGECOMPRESS_JOB_THREADS", "0")) or None
+    opts = _options(spec, force=True, threads=threads)
+    if spec.recipe != "auto":
+        manifest = build(opts)
+    else:
+        try:  # keep the closest bundle: a sweep reports what fits and what does not
+            manifest = build_auto(opts, keep_best=True)
+        except NothingFits as e:
+            if e.manifest is None:
+                raise
+            manifest = e.manifest
+    return {**manifest.summary(), "build_key": manifest.build_key}
+
+
+def plan_jobs(models: list[str | None], targets: list[str], recipes: list[str], out: Path, *, runs: int,
+              eval_file: Path | None = None, calibration: Path | None = None,
+              text_column: str | None = None) -> list[JobSpec]:
+    """Validate every combination up front (cheaply) and compute each job's build key."""
+    from edgecompress.pipeline import BuildOptions, build_key, plan, resolve_model
+
+    jobs = []
+    for model in models:
+        model_path, model_name = resolve_model(model)
+        for target in targets:
+            for recipe in recipes:
+                job_out = out / f"{model_name}-{target}-{recipe}"
+                spec = JobSpec(model=str(model_path) if model else None, model_name=model_name, target=target,
+                               recipe=recipe, out=str(job_out), key="", runs=runs,
+                               eval=str(eval_file) if eval_file else None,
+                               calibration=str(calibration) if calibration else None, text_column=text_column)
+                opts: BuildOptions = _options(spec, force=True)
+                try:
+                    if recipe == "auto":
+                        from edgecompress.search import auto_key
+
+                        key = auto_key(opts)
+                    else:
+                        key = build_key(plan(opts), opts)
+                except EdgeCompressError as e:
+                    key = f"invalid: {e.one_line()}"  # reported as this job's failure, others go on
+                jobs.append(JobSpec(**{**asdict(spec), "key": key}))
+    return jobs
+
+
+def _existing(spec: JobSpec) -> dict[str, Any] | None:
+    manifest = Path(spec.out) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("build_key") != spec.key:
+        return None
+    from edgecompress.manifest import Manifest
+
+    m = Manifest.from_dict(data)
+    return {**m.summary(), "build_key": m.build_key}
+
+
+@dataclass
+class SweepResult:
+    out: str
+    executor: str
+    results: list[JobResult]
+    seconds: float
+    files: list[str]
+
+    @property
+    def failed(self) -> list[JobResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+
+def sweep(models: list[str | None], targets: list[str], recipes: list[str], out: Path, *,
+          executor: str = "local", workers: int | None = None, runs: int = 10, eval_file: Path | None = None,
+          calibration: Path | None = None, text_column: str | None = None,
+          on_result: Callable[[JobResult], None] | None = None) -> SweepResult:
+    from edgecompress.sweep.results import write_results
+    from edgecompress.versions import library_versions
+
+    if not models or not targets or not recipes:
+        raise UsageError("a sweep needs at least one model, one target and one recipe")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory", hint="choose a directory path")
+    t0 = time.perf_counter()
+    jobs = plan_jobs(models, targets, recipes, out, runs=runs, eval_file=eval_file, calibration=calibration,
+                     text_column=text_column)
+    ex: Executor = make_executor(executor, workers)
+    results: list[JobResult] = []
+
+    def record(r: JobResult) -> None:
+        results.append(r)
+        if on_result:
+            on_result(r)
+
+    try:
+        if hasattr(ex, "check_versions"):
+            v = library_versions()
+            ex.check_versions({"edgecompress": v["edgecompress"], "onnxruntime": v["onnxruntime"]})
+        out.mkdir(parents=True, exist_ok=True)
+        started: dict[str, float] = {}
+        for spec in jobs:
+            base = JobResult(spec.name, spec.model_name, spec.target, spec.recipe, status="")
+            if spec.key.startswith("invalid: "):
+                record(JobResult(**{**asdict(base), "status": "failed", "error": spec.key[len("invalid: "):]}))
+                continue
+            if (existing := _existing(spec)) is not None:
+                record(JobResult(**{**asdict(base), "status": "skipped", "passed": existing["passed"],
+                                    "summary": existing}))
+                continue
+            started[spec.name] = time.perf_counter()
+            ex.submit(run_job, spec, tag=spec)
+        for outcome in ex.as_completed():
+            record(_result(outcome, started))
+    finally:
+        ex.close()
+    results.sort(key=lambda r: (r.model, r.target, r.recipe))
+    files = write_results(out, results)
+    return SweepResult(str(out), ex.name, results, time.perf_counter() - t0, files)
+
+
+def _result(o: Outcome, started: dict[str, float]) -> JobResult:
+    spec: JobSpec = o.tag
+    seconds = time.perf_counter() - started.get(spec.name, time.perf_counter())
+    if o.error is not None:
+        err = o.error.one_line() if isinstance(o.error, EdgeCompressError) else (
+            f"{type(o.error).__name__}: {str(o.error).strip().splitlines()[0] if str(o.error).strip() else ''}")
+        return JobResult(spec.name, spec.model_name, spec.target, spec.recipe, "failed", seconds, error=err)
+    return JobResult(spec.name, spec.model_name, spec.target, spec.recipe, "built", seconds,
+                     passed=o.value["passed"], summary=o.value)
+
+
+def parse_list(text: str, everything: list[str], what: str) -> list[str]:
+    if text.strip() == "all":
+        return everything
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ConfigError(f"no {what} given", hint=f"a comma-separated list, or all ({', '.join(everything)})")
+    return items
