@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # --index-url https://download.pytorch.org/whl/cpu (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint typecheck clean
+.PHONY: install demo test test-fast lint typecheck clean bench-sweep
 
 install: $(STAMP)
 
@@ -38,3 +38,6 @@ typecheck: install
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache .mypy_cache
+
+bench-sweep: install
+	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/sweep.py
