@@ -65,6 +65,38 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.ensure_object(dict)
 
 
+# Recipe knobs: each maps to a RecipeOptions field of the same name (validated there, so errors are exit 2).
+_RECIPE_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("--calibration-method", click.Choice(["minmax", "entropy", "percentile"]),
+     "int8-static/int8-mixed: how activation ranges are calibrated [default: minmax]."),
+    ("--calibration-samples", click.IntRange(min=1), "Calibration texts to use, a seeded choice [default: 256]."),
+    ("--block-size", int, "int4: weights per quantization block, a power of two >= 16 [default: 32]."),
+    ("--int4-method", click.Choice(["rtn", "hqq", "gptq"]), "int4: how blocks are quantized [default: rtn]."),
+    ("--codebook-bits", int, "codebook: bits per weight index, 2..8 [default: 4]."),
+    ("--codebook-granularity", click.Choice(["tensor", "channel"]),
+     "codebook: one codebook per tensor or per output channel [default: channel]."),
+    ("--prune-ffn", float, "Remove this share of every FFN's intermediate neurons, in [0, 1) [default: 0]."),
+    ("--prune-heads", float, "Remove this share of attention heads, in [0, 1) [default: 0]."),
+    ("--prune-schedule", click.Choice(["uniform", "adaptive"]),
+     "Per-layer pruning ratios: uniform, or adaptive to layer sensitivity [default: uniform]."),
+    ("--prune-recovery", click.Choice(["none", "bias", "refit"]),
+     "Recovery after pruning: none, bias compensation, or least-squares refit [default: refit]."),
+    ("--low-rank-energy", float, "Factor MatMul weights by truncated SVD keeping this energy, e.g. 0.95."),
+)
+
+
+def recipe_option_flags(fn: F) -> F:
+    for flag, type_, help_ in reversed(_RECIPE_FLAGS):
+        fn = click.option(flag, type=type_, default=None, help=help_)(fn)
+    return fn
+
+
+def _recipe_options(flags: dict[str, Any]) -> Any:
+    from edgecompress.recipes import RecipeOptions
+
+    return RecipeOptions(**{k: v for k, v in flags.items() if v is not None})
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("-t", "--target", required=True, help="Target profile name (see `edgecompress targets list`) or a "
@@ -92,6 +124,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
               help="--recipe auto: stop building candidates after this many seconds.")
 @click.option("--keep-best", is_flag=True, help="--recipe auto: write the closest bundle even if nothing fits.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the build cache (see `edgecompress cache`).")
+@recipe_option_flags
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -99,7 +132,7 @@ def build(model: Path | None, target: str, recipe: str | None, out: Path | None,
           eval_file: Path | None, text_column: str | None, task: str | None, runs: int, trust_remote_code: bool,
           max_size_mb: float | None, max_ram_mb: float | None, max_latency_ms: float | None,
           min_fidelity: float | None, max_candidates: int | None, time_budget: float | None, keep_best: bool,
-          no_cache: bool, force: bool, as_json: bool, debug: bool) -> None:
+          no_cache: bool, force: bool, as_json: bool, debug: bool, **recipe_flags: Any) -> None:
     """Export MODEL, compress it with a recipe, measure it, check the target's budgets, write a bundle.
 
     MODEL is a local Hugging Face model directory or an .onnx file; without it, the bundled all-MiniLM-L6-v2.
@@ -117,17 +150,20 @@ def build(model: Path | None, target: str, recipe: str | None, out: Path | None,
     from edgecompress.pipeline import build as run_build
 
     _interrupt_on_sigterm()
-    opts = BuildOptions(model=model, target=target, recipe=recipe, out=out, calibration=calibration,
-                        eval=eval_file, text_column=text_column, task=task, force=force,
-                        trust_remote_code=trust_remote_code, runs=runs, cache=not no_cache,
-                        budgets={k: v for k, v in (("max_size_mb", max_size_mb), ("max_peak_ram_mb", max_ram_mb),
-                                                   ("max_latency_p90_ms", max_latency_ms)) if v is not None},
-                        min_fidelity=min_fidelity)
     if recipe != "auto" and (max_candidates or time_budget or keep_best):
         click.echo("error: --max-candidates, --time-budget and --keep-best go with --recipe auto", err=True)
         sys.exit(2)
 
+    def options() -> BuildOptions:
+        return BuildOptions(model=model, target=target, recipe=recipe, out=out, calibration=calibration,
+                            eval=eval_file, text_column=text_column, task=task, force=force,
+                            trust_remote_code=trust_remote_code, runs=runs, cache=not no_cache,
+                            budgets={k: v for k, v in (("max_size_mb", max_size_mb), ("max_peak_ram_mb", max_ram_mb),
+                                                       ("max_latency_p90_ms", max_latency_ms)) if v is not None},
+                            min_fidelity=min_fidelity, recipe_options=_recipe_options(recipe_flags))
+
     def run(progress: Any = None) -> Any:
+        opts = options()
         if recipe == "auto":
             from edgecompress.search import build_auto
 

@@ -14,10 +14,60 @@ from edgecompress.errors import ConfigError
 from edgecompress.passes.base import Pass
 from edgecompress.passes.quantize_int8 import DynamicInt8, DynamicInt8Config
 
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+INT4_METHODS = ("rtn", "hqq", "gptq")
+CODEBOOK_GRANULARITIES = ("tensor", "channel")
+PRUNE_SCHEDULES = ("uniform", "adaptive")
+PRUNE_RECOVERIES = ("none", "bias", "refit")
+
 
 @dataclass(frozen=True)
 class RecipeOptions:
-    """Typed knobs a recipe may read. Each field belongs to one pass family."""
+    """Typed knobs a recipe may read. Each field belongs to one pass family; validated on construction, so a bad
+    value is a one-line usage error before any work starts."""
+
+    # static INT8 / int8-mixed (passes/quantize_int8.py)
+    calibration_method: str = "minmax"
+    calibration_samples: int = 256
+    # INT4 weight-only (passes/quantize_int4.py)
+    block_size: int = 32
+    int4_method: str = "rtn"
+    # weight-sharing codebooks (passes/codebook.py)
+    codebook_bits: int = 4
+    codebook_granularity: str = "channel"
+    # structured pruning (passes/prune.py): ratios in [0, 1); 0 = off
+    prune_ffn: float = 0.0
+    prune_heads: float = 0.0
+    prune_schedule: str = "uniform"
+    prune_recovery: str = "refit"
+    # low-rank factorization (passes/lowrank.py): SVD energy kept; None = off
+    low_rank_energy: float | None = None
+
+    def __post_init__(self) -> None:
+        def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                raise ConfigError(f"unknown --{name.replace('_', '-')} '{value}'", hint=f"use {'|'.join(allowed)}")
+
+        one_of("calibration_method", self.calibration_method, CALIBRATION_METHODS)
+        one_of("int4_method", self.int4_method, INT4_METHODS)
+        one_of("codebook_granularity", self.codebook_granularity, CODEBOOK_GRANULARITIES)
+        one_of("prune_schedule", self.prune_schedule, PRUNE_SCHEDULES)
+        one_of("prune_recovery", self.prune_recovery, PRUNE_RECOVERIES)
+        if self.calibration_samples < 1:
+            raise ConfigError(f"--calibration-samples must be at least 1, got {self.calibration_samples}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size must be a power of two >= 16, got {self.block_size}",
+                              hint="use 16, 32, 64 or 128")
+        if not 2 <= self.codebook_bits <= 8:
+            raise ConfigError(f"--codebook-bits must be between 2 and 8, got {self.codebook_bits}")
+        for name in ("prune_ffn", "prune_heads"):
+            r = getattr(self, name)
+            if not 0.0 <= r < 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {r}",
+                                  hint="a ratio of the neurons/heads to remove, e.g. 0.3")
+        if self.low_rank_energy is not None and not 0.0 < self.low_rank_energy <= 1.0:
+            raise ConfigError(f"--low-rank-energy must be in (0, 1], got {self.low_rank_energy}",
+                              hint="the share of singular-value energy to keep, e.g. 0.95")
 
 
 @dataclass(frozen=True)
@@ -57,6 +107,23 @@ RECIPES: dict[str, RecipeSpec] = {
 }
 
 
+def structural_passes(options: RecipeOptions) -> list[Pass]:
+    """Passes that change the graph's shape, run before any recipe's own passes: prune, then low-rank.
+
+    They compose with every recipe (e.g. `--recipe int8-dynamic --prune-ffn 0.3`).
+    """
+    passes: list[Pass] = []
+    if options.prune_ffn > 0 or options.prune_heads > 0:
+        from edgecompress.passes.prune import StructuredPrune
+
+        passes.append(StructuredPrune.from_options(options))
+    if options.low_rank_energy is not None:
+        from edgecompress.passes.lowrank import LowRank
+
+        passes.append(LowRank.from_options(options))
+    return passes
+
+
 def make_recipe(name: str, options: RecipeOptions | None = None, task: str | None = None) -> Recipe:
     spec = RECIPES.get(name)
     if spec is None:
@@ -66,5 +133,6 @@ def make_recipe(name: str, options: RecipeOptions | None = None, task: str | Non
     if task is not None and task not in spec.tasks:
         raise ConfigError(f"recipe '{name}' does not apply to {task} models",
                           hint=f"it supports {', '.join(spec.tasks)}")
-    return Recipe(name=spec.name, description=spec.description, passes=tuple(spec.make(options or RecipeOptions())),
-                  quantizing=spec.quantizing)
+    options = options or RecipeOptions()
+    return Recipe(name=spec.name, description=spec.description,
+                  passes=(*structural_passes(options), *spec.make(options)), quantizing=spec.quantizing)
