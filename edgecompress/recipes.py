@@ -113,14 +113,17 @@ def structural_passes(options: RecipeOptions) -> list[Pass]:
     They compose with every recipe (e.g. `--recipe int8-dynamic --prune-ffn 0.3`).
     """
     passes: list[Pass] = []
-    if options.prune_ffn > 0 or options.prune_heads > 0:
-        from edgecompress.passes.prune import StructuredPrune
+    try:
+        if options.prune_ffn > 0 or options.prune_heads > 0:
+            from edgecompress.passes.prune import StructuredPrune
 
-        passes.append(StructuredPrune.from_options(options))
-    if options.low_rank_energy is not None:
-        from edgecompress.passes.lowrank import LowRank
+            passes.append(StructuredPrune.from_options(options))
+        if options.low_rank_energy is not None:
+            from edgecompress.passes.lowrank import LowRank
 
-        passes.append(LowRank.from_options(options))
+            passes.append(LowRank.from_options(options))
+    except ImportError as e:
+        raise ConfigError(f"this edgecompress has no {e.name}", hint="upgrade edgecompress") from None
     return passes
 
 

@@ -28,7 +28,7 @@ from edgecompress.errors import BuildInterrupted, EdgeCompressError, UsageError
 from edgecompress.manifest import Manifest
 from edgecompress.metrics import METRICS, PRIMARY_METRIC
 from edgecompress.progress import NullProgress, Progress
-from edgecompress.recipes import RECIPES, RecipeOptions
+from edgecompress.recipes import RECIPES, RecipeOptions, make_recipe
 from edgecompress.targets import Target
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,11 @@ def candidates(task: str, target: Target, max_candidates: int | None = None
             continue
         if (why := _why_not_on_target(c.recipe, target)) is not None:
             excluded.append({"candidate": c.name, "reason": why})
+            continue
+        try:
+            make_recipe(c.recipe, RecipeOptions(**c.options), task=task)
+        except EdgeCompressError as e:
+            excluded.append({"candidate": c.name, "reason": e.one_line()})
             continue
         keep.append(c)
     if max_candidates is not None and len(keep) > max_candidates:
