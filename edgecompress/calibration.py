@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -144,3 +144,99 @@ def tokenize_batches(
 def count_truncated(tokenizer: Any, texts: Sequence[str], max_length: int) -> int:
     lengths = [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]
     return sum(1 for n in lengths if n > max_length)
+
+
+@dataclass(frozen=True)
+class SampleChoice:
+    """Which calibration samples a pass uses: a seeded choice, reproducible from (total, count, seed)."""
+
+    total: int
+    count: int
+    seed: int
+    batch_size: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"available": self.total, "used": self.count, "seed": self.seed, "batch_size": self.batch_size}
+
+
+def _rows(batch: dict[str, np.ndarray]) -> int:
+    return int(next(iter(batch.values())).shape[0])
+
+
+# What calibration batches hold (tasks.EncoderTask.calibration_batches; an .onnx file's random inputs too).
+CALIBRATION_BATCH = 8
+
+
+def select_samples(
+    batches: Callable[[], Iterator[dict[str, np.ndarray]]],
+    count: int,
+    seed: int,
+    batch_size: int = CALIBRATION_BATCH,
+) -> tuple[Callable[[], Iterator[dict[str, np.ndarray]]], SampleChoice]:
+    """A seeded choice of `count` samples out of `batches`, regrouped into batches of the source's batch size.
+    `batch_size` is the least number of samples the source must hold.
+
+    Streams twice over the source (once to count, once per use) and never holds more than one batch, so memory
+    does not grow with the number of texts. The chosen samples keep their source order. Fewer samples than one
+    batch is a DataError: statistics over a handful of texts would not represent the model's inputs.
+    """
+    total, source_batch = 0, 0
+    for batch in batches():
+        total += _rows(batch)
+        source_batch = source_batch or _rows(batch)
+    if total < batch_size:
+        raise DataError(f"calibration data has {total} text{'s' if total != 1 else ''}, fewer than one batch of "
+                        f"{batch_size}", hint=f"give at least {batch_size} texts with --calibration")
+    # regroup at the source's own batch size: a model with a fixed batch dimension accepts only that
+    batch_size = source_batch
+    used = min(count, total)
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size=used, replace=False))
+
+    def choose() -> Iterator[dict[str, np.ndarray]]:
+        offset = 0
+        pending: list[dict[str, np.ndarray]] = []
+        for batch in batches():
+            n = _rows(batch)
+            lo, hi = np.searchsorted(chosen, [offset, offset + n])
+            offset += n
+            if hi > lo:
+                idx = chosen[lo:hi] - (offset - n)
+                part = {k: v[idx] for k, v in batch.items()}
+                # samples of different lengths cannot share a batch: flush before a shape change
+                if pending and any(pending[0][k].shape[1:] != v.shape[1:] for k, v in part.items()):
+                    yield from _regroup(pending, batch_size)
+                    pending = []
+                pending.append(part)
+                pending = list(_regroup(pending, batch_size))
+                while pending and _rows(pending[0]) == batch_size:
+                    yield pending.pop(0)
+        yield from _regroup(pending, batch_size)
+
+    return choose, SampleChoice(total=total, count=int(used), seed=seed, batch_size=batch_size)
+
+
+def _regroup(parts: list[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Concatenate parts and cut them into batches of `size`, the remainder last."""
+    if not parts:
+        return
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    n = _rows(merged)
+    full = n // size * size
+    for start in range(0, full, size):
+        yield {k: v[start:start + size] for k, v in merged.items()}
+    if full < n:
+        yield {k: v[full:] for k, v in merged.items()}
+
+
+def trim_padding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch cut to its longest real text, when every input is [batch, seq] with an attention mask.
+
+    Exact for what fidelity compares (outputs at masked positions are never read), and much cheaper to run:
+    calibration batches are padded to a fixed length that most sentences are far shorter than.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or mask.ndim != 2 or any(v.shape != mask.shape for v in batch.values()):
+        return batch
+    cols = np.flatnonzero(mask.any(axis=0))
+    length = int(cols[-1]) + 1 if cols.size else 1
+    return {k: v[:, :length] for k, v in batch.items()}

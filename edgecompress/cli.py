@@ -429,5 +429,230 @@ def sweep(models: str, targets_: str, recipes: str, out: Path, executor: str, wo
     _run(body, debug)
 
 
+@main.group()
+def emulator() -> None:
+    """Arm emulation (qemu-user): run a bundle with aarch64 onnxruntime and the target's CPU model.
+
+    It answers what this x86 host cannot: does the artifact load on Arm, which ops ORT picks there, and what
+    fidelity Arm's int8 kernels give. No timings (emulation is 25-60x slower). Needs Linux and root.
+
+    \b
+    Examples:
+      edgecompress emulator setup
+      edgecompress emulator run build/all-MiniLM-L6-v2-raspberry-pi-5 --target raspberry-pi-5
+    """
+
+
+@emulator.command("setup")
+@click.option("--force", is_flag=True, help="Rebuild the arm64 root even if it is there.")
+@click.option("--mirror", help="Debian mirror for debootstrap [default: the one apt uses].")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def emulator_setup(force: bool, mirror: str | None, debug: bool) -> None:
+    """Build the arm64 Debian root with onnxruntime (about 7 minutes once; cached under the cache dir).
+
+    \b
+    Example:
+      edgecompress emulator setup
+    """
+    from edgecompress.profiling.emulate import setup_emulator
+
+    def body() -> int:
+        info = setup_emulator(force=force, mirror=mirror, on_step=lambda s: click.echo(s, err=True))
+        click.echo(f"emulator ready: {info['rootfs']} (onnxruntime {info['onnxruntime']}, "
+                   f"python {info['python']}, {info['machine']})")
+        return 0
+
+    _run(body, debug)
+
+
+@emulator.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-t", "--target", required=True, help="An aarch64 target: its CPU features pick QEMU's CPU model.")
+@click.option("--texts", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Built-in evaluation texts to compare on.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def emulator_run(bundle: Path, target: str, texts: int, as_json: bool, debug: bool) -> None:
+    """Run BUNDLE under Arm emulation: does it load, which ops, fidelity with Arm's kernels vs this host's.
+
+    \b
+    Example:
+      edgecompress emulator run build/all-MiniLM-L6-v2-raspberry-pi-5 --target raspberry-pi-5
+    """
+    from edgecompress.profiling.emulate import emulate_bundle
+
+    def body() -> int:
+        r = emulate_bundle(bundle, target, max_texts=texts)
+        if as_json:
+            click.echo(json.dumps(r, indent=2))
+        else:
+            _print_emulation(r)
+        return 0 if r["runs"] else 1
+
+    _run(body, debug)
+
+
+def _print_emulation(r: dict[str, Any]) -> None:
+    click.echo(f"{r['target']} emulated as QEMU_CPU={r['qemu_cpu']} (onnxruntime {r['onnxruntime']}, "
+               f"{r['machine']}): {'loads' if r['loads'] else 'does NOT load'}"
+               + ("" if r["runs"] or not r["loads"] else ", fails to run")
+               + (f": {r['error']}" if r["error"] else ""))
+    if r["ops"]:
+        click.echo("ops after ORT's optimizations: " + ", ".join(f"{k} {v}" for k, v in r["ops"].items()))
+    if "host_vs_arm" in r:
+        d = r["host_vs_arm"]
+        click.echo(f"host vs Arm outputs ({d['output']}): max |diff| {d['max_abs_diff']:.4g}"
+                   + (" (bitwise identical)" if d["bitwise_identical"] else ""))
+    if r.get("fidelity"):
+        f = r["fidelity"]
+        for k in f["arm"]:
+            click.echo(f"{k}: Arm {f['arm'][k]:.6f}   host {f['host'][k]:.6f}   "
+                       f"(vs {f['reference']}, {r['texts']} texts)")
+    elif r.get("fidelity_note"):
+        click.echo(r["fidelity_note"])
+    click.echo(r["note"])
+
+
+# --- profile ------------------------------------------------------------------------------------------------------
+@main.command("profile")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("-t", "--target", required=True, help="Target profile name or .toml file: its workload, threads, "
+              "cores, usable RAM and budgets.")
+@click.option("--device", metavar="ssh://USER@HOST[:PORT]",
+              help="Measure on a lab device over SSH (it needs python3 with onnxruntime and numpy).")
+@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs (after warm-up; at least 1 s of them).")
+@click.option("--emulate-cores", type=click.IntRange(min=1),
+              help="Measure on this host pinned to N cores (taskset), threads capped at N, memory capped at the "
+                   "target's usable RAM (a non-host target is otherwise estimated).")
+@click.option("--memory-cap/--no-memory-cap", default=True, show_default=True,
+              help="Cap this host's measurement at the target's usable RAM (cgroup v1; a warning where the host "
+                   "does not allow it).")
+@click.option("--emulate", "emulate_arm", is_flag=True,
+              help="Also run it under Arm emulation (qemu-user with the target's CPU model): does it load, which "
+                   "ops, fidelity with Arm's kernels. No timings. Needs `edgecompress emulator setup`.")
+@click.option("--op-runs", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Runs of an ORT-profiled session for the per-op table (0: none).")
+@click.option("--known-hosts", type=click.Path(path_type=Path), help="known_hosts file [default: "
+              "~/.ssh/known_hosts].")
+@click.option("--insecure-accept-host-key", is_flag=True, help="Accept any host key from --device (INSECURE: "
+              "anyone on the path can impersonate it).")
+@click.option("-i", "--identity", multiple=True, type=click.Path(path_type=Path),
+              help="Private key for --device (repeatable) [default: ~/.ssh/id_* and ssh-agent].")
+@click.option("--remote-python", default="python3", show_default=True, help="Python on the device.")
+@click.option("--connect-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the device's SSH login.")
+@click.option("--run-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds the run on the device may take before it is killed.")
+@click.option("--update", is_flag=True, help="Write the new profile and budgets into the bundle's manifest.json "
+              "and report.md (atomically; the bundle must be for this target).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def profile_cmd(bundle_dir: Path, target: str, device: str | None, runs: int, emulate_cores: int | None,
+                memory_cap: bool, emulate_arm: bool, op_runs: int, known_hosts: Path | None,
+                insecure_accept_host_key: bool,
+                identity: tuple[Path, ...], remote_python: str, connect_timeout: float, run_timeout: float,
+                update: bool, as_json: bool, debug: bool) -> None:
+    """Profile an existing bundle (model.onnx + manifest.json) for a target and check its budgets.
+
+    Where the figures come from: --device (measured there); a host target or --emulate-cores (measured on this
+    host); otherwise the roofline estimate. Nothing is written into the bundle unless --update.
+
+    \b
+    Exit codes:
+       0  within every budget              11  malformed --device URL
+       3  a budget failed                  12  device unreachable (refused, timeout, DNS)
+       2  usage error (bad option/target)  13  device authentication failed
+       1  profiler failure                 14  device host key unknown or mismatched
+      10  not a bundle (no manifest.json   15  device lacks python/numpy/onnxruntime
+          or model)                       130  interrupted
+
+    \b
+    Examples:
+      edgecompress profile build/all-MiniLM-L6-v2-host --target host
+      edgecompress profile build/x --target raspberry-pi-5 --emulate-cores 4 --json
+      edgecompress profile build/x --target raspberry-pi-5 --device ssh://pi@raspberrypi.local
+    """
+    from edgecompress.profiling import ProfileOptions, profile_bundle, update_bundle
+
+    _interrupt_on_sigterm()
+
+    def body() -> int:
+        emulated = None
+        if emulate_arm:  # first: a missing emulator is a one-line error before any profiling
+            from edgecompress.profiling.emulate import emulate_bundle
+
+            emulated = emulate_bundle(bundle_dir, target)
+        dev = None
+        if device:
+            from edgecompress.profiling.ssh import DeviceOptions, parse_device_url
+
+            dev = DeviceOptions(parse_device_url(device), known_hosts=known_hosts,
+                                insecure_accept_host_key=insecure_accept_host_key, identity=identity,
+                                remote_python=remote_python, connect_timeout_s=connect_timeout,
+                                run_timeout_s=run_timeout)
+        elif known_hosts or insecure_accept_host_key or identity:
+            raise click.UsageError("--known-hosts, --insecure-accept-host-key and --identity go with --device")
+        opts = ProfileOptions(runs=runs, emulate_cores=emulate_cores, memory_cap=memory_cap,
+                              op_profile_runs=op_runs, device=dev)
+        result = profile_bundle(bundle_dir, target, opts)
+        if update:
+            update_bundle(result)
+        if as_json:
+            click.echo(json.dumps({**result.summary(), **({"emulated": emulated} if emulated else {})}, indent=2))
+        else:
+            _print_profile(result, updated=update)
+            if emulated:
+                _print_emulation(emulated)
+        if emulated and not emulated["runs"]:
+            return 1
+        return 0 if result.passed else EXIT_BUDGET_FAILED
+
+    _run(body, debug)
+
+
+def _print_profile(result: Any, updated: bool) -> None:
+    from rich.table import Table
+
+    console = _console()
+    prof = result.profile
+    measured = prof.get("device") or prof.get("host")
+    where = (f"device {measured['device']}" if "device" in prof else "this host") if measured else "estimate"
+    for w in (measured or {}).get("limits", {}).get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+    if measured and measured.get("out_of_memory"):
+        console.print(f"[red]{measured['note']}[/]")
+    elif measured:
+        lat = measured["latency_ms"]
+        console.print(f"{where}: latency p50 {lat['p50']:.2f} / p90 {lat['p90']:.2f} / p99 {lat['p99']:.2f} ms, "
+                      f"mean {lat['mean']:.2f} ± {lat['std']:.2f} ms ({lat['runs']} runs); load "
+                      f"{measured['load_ms']:.0f} ms; peak RSS {measured['peak_rss_mb']:.1f} MB (empty process "
+                      f"{measured['baseline_rss_mb']:.1f} MB)")
+        ops = (measured.get("ops") or {}).get("by_op_type", [])
+        if ops:
+            table = Table(title=f"top ops (ORT profiler, {measured['ops']['runs']} runs)")
+            for col in ("op", "ms/run", "share", "nodes", "provider"):
+                table.add_column(col, justify="right" if col in ("ms/run", "share", "nodes") else "left")
+            for o in ops[:10]:
+                table.add_row(o["op_type"], f"{o['ms_per_run']:.3f}", f"{o['share']:.1%}", str(o["nodes"]),
+                              ",".join(o["providers"]))
+            console.print(table)
+    table = Table(title=f"{result.bundle} → {result.target.name} ({where})")
+    for col in ("budget", "value", "limit", "unit", "verdict", "source"):
+        table.add_column(col, justify="right" if col in ("value", "limit") else "left")
+    for r in result.budgets:
+        value = "–" if r.value is None else (f"{r.value:.4f}" if abs(r.value) < 10 else f"{r.value:,.1f}")
+        limit = f"{r.limit:.4f}" if abs(r.limit) < 10 else f"{r.limit:,.1f}"
+        verdict = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
+        table.add_row(r.name, value, f"{r.comparison} {limit}", r.unit, verdict, r.source)
+    console.print(table)
+    if result.passed:
+        console.print("[green]within every budget[/]")
+    else:
+        console.print("[red]budget failed:[/] " + "; ".join(r.miss() for r in result.budgets if not r.passed))
+    console.print(f"updated {result.bundle}/manifest.json and report.md" if updated else
+                  "(nothing written; --update rewrites the bundle's manifest and report)")
+
+
 if __name__ == "__main__":
     main()

@@ -6,6 +6,10 @@ Exit codes (documented in the README):
     2  usage error: bad model path, unknown target, malformed target or data file, bad option; nothing written
     3  built, but at least one budget failed (the bundle is written and says which)
   130  interrupted (Ctrl-C); nothing written
+`edgecompress profile` adds, so a script can tell them apart:
+   10  not a bundle (no manifest.json or model.onnx)        13  the device refused our key (authentication)
+   11  malformed --device URL                               14  the device's host key is unknown or does not match
+   12  the device cannot be reached (refused, timeout, DNS) 15  the device lacks python, numpy or onnxruntime
 """
 
 from __future__ import annotations
@@ -61,6 +65,42 @@ class PassError(EdgeCompressError):
 
 class ProfileError(EdgeCompressError):
     """The profiler could not load or run the artifact."""
+
+
+class BundleError(UsageError):
+    """A bundle directory without manifest.json or model.onnx."""
+
+    exit_code = 10
+
+
+class DeviceURLError(UsageError):
+    """--device is not ssh://user@host[:port]."""
+
+    exit_code = 11
+
+
+class DeviceError(ProfileError):
+    """A lab device (profiling/ssh.py) could not be used."""
+
+
+class DeviceUnreachable(DeviceError):
+    exit_code = 12
+
+
+class DeviceAuthError(DeviceError):
+    exit_code = 13
+
+
+class HostKeyError(DeviceError):
+    """The device's host key is not in known_hosts, or does not match it."""
+
+    exit_code = 14
+
+
+class DeviceMissingRuntime(DeviceError):
+    """The device has no python, numpy or onnxruntime for the runner."""
+
+    exit_code = 15
 
 
 class BuildInterrupted(EdgeCompressError):

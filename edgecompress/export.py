@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 SUPPORTED_TASKS: dict[str, str] = {
     "feature-extraction": "last_hidden_state",
     "text-classification": "logits",
+    "text-generation-with-past": "logits",
 }
+# Causal LMs exported with their KV cache as inputs/outputs (past_key_values.N.key/value, present.N.key/value).
+DECODER_TASKS = ("text-generation-with-past",)
 # An .onnx file given as MODEL: no export, fidelity against the file itself on seeded random inputs.
 ONNX_TASK = "onnx"
 # config.json "architectures" suffix -> task, for inference when --task is not given.
@@ -141,7 +144,7 @@ def inspect_model(model_dir: Path, task: str | None = None, trust_remote_code: b
         hidden_size=config.get("hidden_size"),
         num_attention_heads=config.get("num_attention_heads"),
         intermediate_size=config.get("intermediate_size"),
-        max_positions=config.get("max_position_embeddings"),
+        max_positions=config.get("max_position_embeddings") or config.get("n_positions"),
     )
 
 
@@ -277,3 +280,66 @@ def check_export(reference: TorchReference, onnx_path: Path, batches: Iterable[B
         raise ExportError(f"the ONNX export differs from PyTorch by {worst:.3g} (> {atol:g})",
                           hint="try another --opset, or report the model architecture")
     return check
+
+
+# --- decoders (causal LMs) -----------------------------------------------------------------------------------
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """A GGUF file -> an HF model dir (float32 weights, dequantized) plus its tokenizer, into out_dir.
+
+    transformers' own loader (from_pretrained(gguf_file=...)) insists on `accelerate`; the same conversion is done
+    here with its GGUF reader on a meta-device skeleton, which needs only `gguf`.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.utils import logging as hf_logging
+
+    src_dir, name = str(gguf_path.parent), gguf_path.name
+    hf_logging.disable_progress_bar()
+    try:
+        # the GGUF reader's own tqdm bar writes to stderr; only cli.py talks to the terminal
+        with quiet_libraries(), contextlib.redirect_stderr(io.StringIO()):
+            config = AutoConfig.from_pretrained(src_dir, gguf_file=name, local_files_only=True)
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(config)
+            tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton)["tensors"]
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            result = model.load_state_dict(tensors, strict=False)
+            missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+            if missing or result.unexpected_keys:
+                raise ExportError(f"{gguf_path.name}: weights do not match the architecture (missing "
+                                  f"{missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+            model.tie_weights()
+            tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name, local_files_only=True)
+            model.save_pretrained(str(out_dir))
+            tokenizer.save_pretrained(str(out_dir))
+    except (ExportError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"cannot convert {gguf_path.name} to a Hugging Face model: {first}",
+                         hint="only GGUF architectures transformers can read are supported (llama, qwen2, ...)"
+                         ) from e
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+class DecoderReference:
+    """A causal LM in PyTorch FP32: next-token logits for a window of token ids (no cache)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with quiet_libraries():
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
+                                                              dtype=torch.float32)
+        self.model.eval()
+        self._torch = torch
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """ids: (batch, T) int64 -> logits (batch, T, vocab) float32."""
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.from_numpy(ids), use_cache=False)
+        return out.logits.float().numpy()

@@ -42,6 +42,8 @@ class Manifest:
     cache: dict[str, Any] = field(default_factory=dict)  # which steps came from the cache
     build_key: str = ""  # sha256 of everything that determines this bundle (pipeline.build_key)
     search: dict[str, Any] = field(default_factory=dict)  # --recipe auto: every candidate and why
+    # integer-kernel share of MatMul FLOPs in ORT's optimized graph (profiling/kernels.py)
+    kernels: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
 
     @property

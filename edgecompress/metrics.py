@@ -32,6 +32,13 @@ METRICS: dict[str, Metric] = {
                "share of texts whose arg-max class matches the reference's"),
         Metric("kl_mean", False, "nats", ("text-classification",),
                "mean KL(reference || candidate) of the class distributions"),
+        # decoders (causal LMs): judged on the evaluation text's tokens, next-token prediction
+        Metric("perplexity_ratio", False, "", ("text-generation-with-past",),
+               "perplexity on the evaluation text / the reference's perplexity on the same tokens"),
+        Metric("perplexity", False, "", ("text-generation-with-past",),
+               "perplexity (exp of mean next-token NLL) on the evaluation text"),
+        Metric("next_token_top1", True, "", ("text-generation-with-past",),
+               "share of positions whose arg-max next token matches the reference's"),
     )
 }
 
@@ -40,4 +47,5 @@ PRIMARY_METRIC: dict[str, str] = {
     "feature-extraction": "cosine_mean",
     "text-classification": "top1_agreement",
     "onnx": "cosine_mean",
+    "text-generation-with-past": "perplexity_ratio",
 }

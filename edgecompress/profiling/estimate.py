@@ -4,7 +4,12 @@ latency = sum over nodes of max(FLOPs / (peak at the node's precision x compute 
                                 bytes / (bandwidth x bandwidth efficiency))
 memory  = runtime baseline + resident weights + the peak set of live activations (a liveness walk of the graph)
 
-The efficiency factors come from the target file: the share of the roofline real kernels reach.
+The efficiency factors come from the target file: the share of the roofline real kernels reach. The result is
+then scaled by a per-profile factor (the model's dominant MatMul precision: fp32, int8, int4) calibrated once
+against this dev host: measured / roofline latency over models x recipes (benchmarks/estimator_error.py, which
+also reports the leave-one-model-out error). On the host target the factor applies as measured. Other CPU targets
+get only its shape across precisions (factor / the fp32 factor): their peaks are theoretical, while host.toml's
+are measured GEMM rates, so the absolute level does not carry over. The factor is recorded with the method.
 """
 
 from __future__ import annotations
@@ -19,6 +24,13 @@ from edgecompress.profiling.cost import DTYPE_BYTES, NodeCost, concrete_shapes, 
 from edgecompress.targets import Target
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+# measured / roofline on the dev host (2-core AMD EPYC, AVX2, 1 thread), per precision profile; from
+# `make bench-estimate` (benchmarks/results/estimator_error.json, "factors_all_points"). A profile not listed: 1.0.
+# Leave-one-model-out error there: median 12%, worst 31% (uncalibrated: median 142%, worst 233%).
+HOST_CALIBRATION: dict[str, float] = {"fp32": 0.375, "int8": 0.336, "int4": 0.481}
+CALIBRATION_METHOD = ("roofline x the median measured/roofline latency ratio of the model's precision profile, "
+                      "calibrated on the dev host over models x recipes (benchmarks/estimator_error.py)")
 
 
 @dataclass
@@ -91,16 +103,39 @@ def resident_weight_bytes(model: onnx.ModelProto) -> float:
     return total
 
 
+def profile_of(details: dict[str, Any]) -> str:
+    """The precision profile of a model: the precision of most of its MatMul FLOPs."""
+    by = details.get("matmul_gflops_by_precision") or {}
+    return max(by, key=by.__getitem__) if by else "fp32"
+
+
+def calibration_for(target: Target, profile: str) -> tuple[float, str]:
+    """(factor, why) for a target and a precision profile."""
+    if any(p in GPU_PROVIDERS for p in target.runtime.providers):
+        return 1.0, "not calibrated: GPU providers (the calibration is of ORT's CPU kernels)"
+    if profile not in HOST_CALIBRATION or "fp32" not in HOST_CALIBRATION:
+        return 1.0, f"not calibrated: no factor for the {profile} profile"
+    if target.host:
+        return HOST_CALIBRATION[profile], CALIBRATION_METHOD
+    return HOST_CALIBRATION[profile] / HOST_CALIBRATION["fp32"], (
+        CALIBRATION_METHOD + "; relative to fp32 on targets other than the host (theoretical peaks)")
+
+
 def estimate(model: onnx.ModelProto, target: Target, dims: dict[str, int]) -> Estimate:
     costs = node_costs(model, dims)
-    latency, split = roofline_ms(costs, target)
+    roofline, split = roofline_ms(costs, target)
     weights = resident_weight_bytes(model)
     activations = peak_activation_bytes(model, dims)
     ram_mb = target.estimate.runtime_baseline_mb + (weights + activations) / 2**20
     by_precision: dict[str, float] = {}
+    by_op: dict[str, float] = {}  # the per-op-type breakdown report.html plots when nothing was measured
     for c in costs:
+        by_op[c.op_type] = by_op.get(c.op_type, 0.0) + roofline_ms([c], target)[0]
         if c.is_matmul:
             by_precision[c.precision] = by_precision.get(c.precision, 0.0) + c.flops
+    profile = profile_of({"matmul_gflops_by_precision": by_precision})
+    factor, why = calibration_for(target, profile)
+    latency = roofline * factor
     return Estimate(
         latency_ms=latency,
         peak_ram_mb=ram_mb,
@@ -108,6 +143,8 @@ def estimate(model: onnx.ModelProto, target: Target, dims: dict[str, int]) -> Es
                "scaled by the target's efficiency factors",
         details={
             **split,
+            "roofline_ms": roofline,
+            "calibration": {"profile": profile, "factor": factor, "method": why},
             "gflops": sum(c.flops for c in costs) / 1e9,
             "matmul_gflops_by_precision": {k: v / 1e9 for k, v in sorted(by_precision.items())},
             "gbytes_moved": sum(c.bytes for c in costs) / 1e9,
@@ -118,5 +155,6 @@ def estimate(model: onnx.ModelProto, target: Target, dims: dict[str, int]) -> Es
             "peak_activations_mb": activations / 2**20,
             "runtime_baseline_mb": target.estimate.runtime_baseline_mb,
             "nodes": len(costs),
+            "ms_by_op_type": {k: round(v * factor, 4) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
         },
     )

