@@ -30,7 +30,11 @@ def main() -> int:
     ap.add_argument("--texts", type=int, default=120, help="built-in evaluation texts (of 240)")
     ap.add_argument("--recipes", default="fp32,int8-dynamic,int8-static")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the committed .json")
     args = ap.parse_args()
+    if args.render_only:
+        (RESULTS / "arm_fidelity.md").write_text(render(json.loads((RESULTS / "arm_fidelity.json").read_text())))
+        return 0
 
     from edgecompress.pipeline import BuildOptions, build
     from edgecompress.profiling.emulate import emulate_bundle, emulator_dir
@@ -111,6 +115,17 @@ def render(d: dict) -> str:
                      f"{c(h, 'cosine_mean')} | {c(a, 'cosine_mean')} | "
                      f"{c(h, 'cosine_p1')} | {c(a, 'cosine_p1')} | {c(h, 'cosine_min')} | {c(a, 'cosine_min')} | "
                      f"{diff.get('max_abs_diff', float('nan')):.4g} | {diff.get('bitwise_identical')} | {ops} |")
+    lines += ["", "Host vs Arm, and Arm without dotprod (A72) vs with (A76), in `cosine_*` (Arm minus host):", ""]
+    by = {(r["recipe"], r["emulated"]["qemu_cpu"]): r["emulated"].get("fidelity") or {} for r in d["rows"]
+          if "emulated" in r}
+    for recipe in dict.fromkeys(r["recipe"] for r in d["rows"]):
+        a76, a72 = by.get((recipe, "cortex-a76")), by.get((recipe, "cortex-a72"))
+        if not a76 or not a72:
+            continue
+        parts = [f"{k}: Arm A76 {a76['arm'][k] - a76['host'][k]:+.5f}, Arm A72 {a72['arm'][k] - a72['host'][k]:+.5f}"
+                 for k in ("cosine_mean", "cosine_p1", "cosine_min")]
+        same = "identical" if a76["arm"] == a72["arm"] else "different"
+        lines.append(f"- {recipe}: {'; '.join(parts)} (A72 and A76 metrics {same})")
     lines += ["", "The build's own fidelity (all texts, this host) is in the JSON as `build_fidelity_on_host`. "
               "Emulation gives numerics only: no timings.", ""]
     return "\n".join(lines)

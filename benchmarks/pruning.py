@@ -208,7 +208,7 @@ def main() -> int:
         fp32_size = round(base_path.stat().st_size / 1e6, 2)
 
     out = {"model": "all-MiniLM-L6-v2 (bundled)", "eval": "built-in evaluation texts (240), PyTorch FP32 reference",
-           "calibration": f"built-in calibration texts, {int(next(iter(stats.values())).count)} tokens, "
+           "calibration": f"built-in calibration texts, {next(iter(stats.values())).tokens} tokens, "
                           f"stats in {stats_s:.0f} s",
            "flops_definition": f"MatMul FLOPs of one {SEQ}-token sequence (weight MatMuls + attention products); "
                                f"FP32: {flops0 / 1e9:.3f} GFLOP",

@@ -175,7 +175,7 @@ def _predicted_misses(p: Prediction, target: Target) -> list[tuple[str, float]]:
     checks = [(p.size_mb, b.max_size_mb, "size", "MB"), (p.resident_mb, b.max_peak_ram_mb, "peak RAM", "MB")]
     if p.latency_ms is not None and not target.host:  # the host is measured, never predicted
         checks.append((p.latency_ms, b.max_latency_p90_ms, "p90", "ms"))
-    return [(f"predicted {name} {value:.1f} {unit} > {limit:g} {unit} budget", value / limit)
+    return [(f"predicted {name} {value:.3g} {unit} > {limit:g} {unit} budget", value / limit)
             for value, limit, name, unit in checks if value > limit * PREDICTION_MARGIN]
 
 
@@ -247,14 +247,20 @@ def build_auto(opts: Any, progress: Progress | None = None, *, max_candidates: i
                     todo.append((c, rec))
             del fp32
             rejected.sort(key=lambda r: r[0])
-            if not todo and rejected and keep_best:  # build the nearest miss so there is a bundle to keep
-                _, c, rec, why = rejected.pop(0)
-                todo.append((c, {**rec, "note": f"built despite the prediction (--keep-best): {why}"}))
+            # --keep-best with nothing predicted to fit: build the nearest misses, in order, until one builds
+            fallback = not todo and bool(rejected) and keep_best
+            if fallback:
+                todo = [(c, {**rec, "note": f"built despite the prediction (--keep-best): {why}"})
+                        for _, c, rec, why in rejected]
+                rejected = []
             if not todo and rejected:
                 _, c, _, why = rejected[0]
                 raise NothingFits(target.name, c.name, why)
             records += [{**rec, "status": "rejected before building", "reason": why} for _, _, rec, why in rejected]
             for c, rec in todo:
+                if fallback and built:  # one bundle to keep is enough
+                    records.append({**rec, "status": "rejected before building", "reason": rec["note"]})
+                    continue
                 if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
                     records.append({**rec, "status": "not built", "reason": f"--time-budget {time_budget_s:g} s spent"})
                     continue

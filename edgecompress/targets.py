@@ -100,7 +100,8 @@ class Target:
     sha256: str
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "file": self.path, "sha256": self.sha256, "host": self.host}
+        return {"name": self.name, "file": self.path, "sha256": self.sha256, "host": self.host,
+                "isa": sorted(self.hardware.isa)}
 
 
 # --- schema --------------------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool, str]]] = {
         "cpu": ((str,), True, "a string"),
         "arch": ((str,), True, '"x86_64" or "aarch64"'),
         "cores": ((int,), True, "a positive integer"),
-        "isa": ((list,), True, f"a list of ISA flags from {sorted(ISA_FLAGS)}"),
+        "isa": ((list, str), True, f'a list of ISA flags from {sorted(ISA_FLAGS)}, or "detect" (this host)'),
         "memory_mb": ((int,), True, "a positive integer (MB)"),
         "usable_ram_mb": ((int,), True, "a positive integer (MB)"),
         "bandwidth_gbs": (_Num, True, "a positive number (GB/s)"),
@@ -205,6 +206,10 @@ def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
         raise _bad(path, "name", f'"{path.stem}" (the file name without .toml)', top["name"])
     if hw["arch"] not in ("x86_64", "aarch64"):
         raise _bad(path, "hardware.arch", '"x86_64" or "aarch64"', hw["arch"])
+    if isinstance(hw["isa"], str):
+        if hw["isa"] != "detect" or not top.get("host", False):
+            raise _bad(path, "hardware.isa", 'a list of flags ("detect" only on a host = true target)', hw["isa"])
+        hw["isa"] = sorted(detect_isa())
     for flag in hw["isa"]:
         if flag not in ISA_FLAGS:
             raise _bad(path, "hardware.isa", f"flags from {sorted(ISA_FLAGS)}", flag)
@@ -273,6 +278,27 @@ def available_targets() -> dict[str, Path]:
             for f in sorted(d.glob("*.toml")):
                 found.setdefault(f.stem, f)
     return found
+
+
+# /proc/cpuinfo flag (x86 "flags", Arm "Features") -> our ISA flag
+_CPUINFO_FLAGS = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512", "avx512_vnni": "avx512_vnni",
+                  "avx_vnni": "avx_vnni", "asimd": "neon", "asimddp": "dotprod", "i8mm": "i8mm", "asimdhp": "fp16",
+                  "bf16": "bf16", "sve": "sve", "sve2": "sve2"}
+
+
+def detect_isa(cpuinfo: str | None = None) -> frozenset[str]:
+    """This machine's ISA flags, from /proc/cpuinfo: hosts differ (one has VNNI, the next does not), and the
+    quantization passes choose their settings from these flags."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(_CPUINFO_FLAGS[f] for f in value.split() if f in _CPUINFO_FLAGS)
+    return frozenset()
 
 
 def load_target_file(path: Path) -> Target:

@@ -64,7 +64,7 @@ def test_minilm_manifest_records_everything(minilm_bundle) -> None:  # type: ign
     assert 0.97 < cos["cosine_min"] <= cos["cosine_p1"] <= cos["cosine_mean"] <= 1.0
     assert m.fidelity["texts"] >= 150 and m.fidelity["text_source"] == "builtin:evaluation"
     rows = {r.name: r for r in m.budgets}
-    assert set(rows) == {"size", "peak_ram", "latency_p90", "cosine_mean"}
+    assert set(rows) == {"size", "peak_ram", "latency_p90", "load_time", "cosine_mean"}
     assert rows["latency_p90"].source == "measured" and rows["size"].source == "measured"
     assert 15 < m.artifact.size_mb < 30  # int8 weights and embeddings: about a quarter of 90 MB
     from edgecompress.model import sha256_file

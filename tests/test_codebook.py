@@ -280,5 +280,6 @@ def test_minilm_4bit_size_and_cosine(minilm_fp32: Path) -> None:
                                for b in batches("evaluation", 64, None)])
 
     cos = np.sum(embed(fp32) * embed(res.model), axis=1)
-    # measured 0.960 on the full evaluation split (benchmarks/results/compression.md); GPTQ and mixed bits add more
+    # without GPTQ and on 3 calibration batches: ~0.96; the full pass (GPTQ) reaches 0.977 vs PyTorch at 4 bits
+    # (benchmarks/results/compression.md)
     assert cos.mean() > 0.94 and cos.min() > 0.85

@@ -120,12 +120,14 @@ def test_affine_4bit_is_exact_on_q4_1_grids(seed: int) -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 2**31 - 1))
-def test_affine_4bit_off_grid_error_is_within_half_a_step(seed: int) -> None:
+def test_affine_4bit_off_grid_refinement_never_worse_than_min_max(seed: int) -> None:
     w = np.random.default_rng(seed).standard_normal((8, 32)).astype(np.float32)
-    q, d, m, on_grid = affine_4bit(w)
+    q0, d0, m0, on_grid = affine_4bit(w, refine=0)
     assert not on_grid.any()
-    err = np.abs(d[:, None] * q + m[:, None] - w)
-    assert (err <= d[:, None] / 2 * (1 + 1e-5)).all()
+    assert (np.abs(d0[:, None] * q0 + m0[:, None] - w) <= d0[:, None] / 2 * (1 + 1e-5)).all()  # plain RTN
+    q, d, m, _ = affine_4bit(w)
+    sse = lambda q, d, m: ((d[:, None] * q + m[:, None] - w) ** 2).sum(-1)  # noqa: E731
+    assert (sse(q, d, m) <= sse(q0, d0, m0) * (1 + 1e-6)).all() and q.max() <= 15
 
 
 def test_pack_nibbles_low_first() -> None:
@@ -162,6 +164,29 @@ def test_decoder_int4_is_lossless_on_a_q4_1_grid() -> None:
     ref, got = run_onnx(model, {"input_ids": ids})[0], run_onnx(out, {"input_ids": ids})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     assert out.ByteSize() < model.ByteSize() / 3
+
+
+def test_lm_head_on_a_q8_0_grid_keeps_8_bits_exactly() -> None:
+    """SmolLM2's GGUF embedding is Q8_0: the untied lm_head (and the Gather sharing it) keep that grid."""
+    rng = np.random.default_rng(1)
+    model = _grid_decoder_graph()
+    for init in model.graph.initializer:
+        if init.name == "E":
+            e = numpy_helper.to_array(init)
+            d = rng.uniform(1e-3, 2e-2, (e.shape[0], e.shape[1] // 32, 1)).astype(np.float16).astype(np.float32)
+            q = rng.integers(-127, 128, (e.shape[0], e.shape[1] // 32, 32))
+            q[..., 0] = 127  # llama.cpp's Q8_0 maps the block's largest magnitude to +-127
+            init.CopyFrom(numpy_helper.from_array((d * q).reshape(e.shape).astype(np.float32), "E"))
+    ctx = PassContext(target=load_target("host"), info=ModelInfo("llama", "LlamaForCausalLM", DECODER))
+    result = DecoderInt4(DecoderInt4Config(accuracy_level=0)).run(model, ctx)
+    onnx.checker.check_model(result.model, full_check=True)
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in result.model.graph.node
+                  if n.op_type == "MatMulNBits")
+    assert bits == [4, 8]
+    assert result.report["lm_head"]["bits"] == 8 and result.report["embedding"]["bits"] == 8
+    ids = np.array([[0, 7, 47, 12, 3]], dtype=np.int64)
+    ref, got = run_onnx(model, {"input_ids": ids})[0], run_onnx(result.model, {"input_ids": ids})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def test_decoder_int4_accuracy_level_follows_the_target_isa() -> None:
@@ -303,9 +328,10 @@ def test_smollm2_from_pypi_builds_int4_for_the_phone(tmp_path: Path) -> None:
                            out=tmp_path / "b"))
     assert m.recipe["name"] == "int4"
     rep = m.recipe["passes"][0]["report"]
-    assert rep["lm_head"]["quantized"] is True and rep["embedding"]["quantized"] is True
-    # every transformer-block weight of the Q4_1 GGUF is kept on its grid (lm_head/embedding come from Q8_0)
-    assert rep["grid_blocks"] == rep["blocks"] - 49152 * 576 // 32
+    # every transformer-block weight of the Q4_1 GGUF is kept on its 4-bit grid, lm_head + embedding on Q8_0's
+    assert rep["grid_share"] == 1.0 and rep["matmuls_quantized"] == 30 * 7 + 1
+    assert rep["lm_head"]["quantized"] is True and rep["lm_head"]["bits"] == 8
+    assert rep["embedding"]["quantized"] is True and rep["embedding"]["shared_with_lm_head"] is True
     assert m.fidelity["metrics"]["perplexity_ratio"] < 1.10
     assert m.artifact.size_bytes < 110e6
     assert any("dequantized" in w for w in m.warnings)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def _host_text() -> str:
         (lambda s: s.replace("cores = 2", 'cores = "two"'), "'hardware.cores' must be a positive integer"),
         (lambda s: s.replace("cores = 2", "cores = 2\nclock_ghz = 3"), "unknown key 'hardware.clock_ghz'"),
         (lambda s: s.replace("bandwidth_gbs = 20.0", ""), "'hardware.bandwidth_gbs' must be"),
-        (lambda s: s.replace('isa = ["avx2", "fma", "f16c"]', 'isa = ["avx9"]'), "'hardware.isa'"),
+        (lambda s: re.sub(r"isa = .*", 'isa = ["avx9"]', s), "'hardware.isa'"),
         (lambda s: s.replace("max_size_mb = 100", "max_size_mb = -1"), "'budgets.max_size_mb'"),
         (lambda s: s.replace("cosine_mean = 0.99", "cosine_avg = 0.99"), "'budgets.fidelity.cosine_avg'"),
         (lambda s: s.replace("[runtime]", "[runtime"), "malformed target file"),
@@ -69,3 +70,19 @@ def test_target_from_a_user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     _write(tmp_path, _host_text().replace('name = "host"', 'name = "mydev"'))
     monkeypatch.setenv("EDGECOMPRESS_TARGETS_DIR", str(tmp_path))
     assert load_target("mydev").name == "mydev"
+
+
+def test_host_isa_is_detected_from_cpuinfo(tmp_path: Path) -> None:
+    from edgecompress.targets import detect_isa
+
+    x86 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma f16c avx512f avx512_vnni\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd asimdhp asimddp i8mm\n"
+    assert detect_isa(x86) == {"avx2", "fma", "f16c", "avx512", "avx512_vnni"}
+    assert detect_isa(arm) == {"neon", "fp16", "dotprod", "i8mm"}
+    assert load_target("host").hardware.isa == detect_isa()
+    # "detect" is only meaningful for the machine we run on
+    src = (REPO / "targets" / "raspberry-pi-5.toml").read_text()
+    bad = tmp_path / "raspberry-pi-5.toml"
+    bad.write_text(re.sub(r"isa = \[.*\]", 'isa = "detect"', src))
+    with pytest.raises(ConfigError, match=r"hardware\.isa"):
+        load_target(bad)

@@ -11,7 +11,8 @@ rounded to float16, kept only if it reproduces the block exactly), so requantizi
 computes scale*(q - zp) with an integer zero point, which cannot hold an arbitrary float offset m; the offset
 goes into a small side term instead: y = MatMulNBits(x; q, d, zp=0) + (x @ S) @ M, where S [K, K/32] sums each
 block of x and M [K/32, N] holds the offsets (float16 on disk). Blocks that are not on such a grid (an ordinary
-float model) get the same min/max affine 4-bit fit: round-to-nearest with a float offset.
+float model) get a min/max affine 4-bit fit (float offset) refined by a few least-squares rounds. An lm_head
+already on an 8-bit grid (a Q8_0 GGUF embedding) keeps it: MatMulNBits bits=8, exact.
 The embedding Gather becomes a Gather of packed 4-bit rows plus the same affine decode (standard ONNX ops).
 """
 
@@ -144,6 +145,17 @@ def affine_4bit(w_blocks: np.ndarray, refine: int = 4) -> tuple[np.ndarray, np.n
     return q.astype(np.uint8), d, m, on_grid
 
 
+def symmetric_8bit_grid(w_blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Blocks on a GGUF Q8_0 grid (w = d*q, q in -127..127, d float16) -> (codes q+128 uint8, d, all on grid)."""
+    w = w_blocks.astype(np.float32)
+    amax = np.abs(w).max(axis=-1)
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    d = np.where(d > 0, d, np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(w / d[..., None]), -127, 127)
+    exact = bool((np.abs(q * d[..., None] - w).max(axis=-1) <= 1e-6 * np.maximum(amax, 1e-30)).all())
+    return (q + 128).astype(np.uint8), d, exact
+
+
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
     """(..., 2n) codes 0..15 -> (..., n) bytes, element 2j in the low nibble (MatMulNBits' order)."""
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
@@ -160,8 +172,10 @@ class DecoderInt4Config:
     # MatMulNBits scales stored float16 + a Cast ORT folds at load: ~8% smaller file, but measured slower decode
     # (the kernel no longer sees constant scales when it prepacks), so off by default
     fp16_scales: bool = False
-    # a tied embedding quantized once: the Gather decodes rows of lm_head's 4-bit weight (the same blocks)
+    # a tied embedding quantized once: the Gather decodes rows of lm_head's weight (the same blocks)
     share_tied: bool = True
+    # an lm_head already on an 8-bit grid (GGUF Q8_0 embedding) keeps it: MatMulNBits bits=8, exact
+    keep_8bit_head: bool = True
 
 
 class DecoderInt4(Pass):
@@ -196,6 +210,7 @@ class DecoderInt4(Pass):
         converted, grid_blocks, all_blocks = 0, 0, 0
         lm_head_quantized = False
         head_base: str | None = None
+        head_bits = 4
         bs = cfg.block_size
         for original in out.graph.node:
             node = onnx.NodeProto()
@@ -213,10 +228,24 @@ class DecoderInt4(Pass):
                 new_nodes.append(node)
                 continue
             k, n = w.shape
+            base = (node.name or w_name or "matmul").strip("/").replace("/", "_")
+            if is_head and cfg.keep_8bit_head:
+                q8, d8, exact8 = symmetric_8bit_grid(w.T.reshape(n, k // bs, bs))
+                if exact8:  # no offset term: 8-bit MatMulNBits' default zero point is 128
+                    new_inits += [numpy_helper.from_array(q8, f"{base}.q8"),
+                                  numpy_helper.from_array(d8.reshape(-1), f"{base}.scales")]
+                    new_nodes.append(helper.make_node(
+                        "MatMulNBits", [node.input[0], f"{base}.q8", f"{base}.scales"], [node.output[0]],
+                        name=f"{base}/MatMulNBits8", domain="com.microsoft", K=k, N=n, bits=8, block_size=bs,
+                        accuracy_level=level))
+                    converted += 1
+                    lm_head_quantized, head_base, head_bits = True, base, 8
+                    if consumers.get(w_name or "", 0) <= 1:
+                        drop.add(w_name or "")
+                    continue
             q, d, m, on_grid = affine_4bit(w.T.reshape(n, k // bs, bs))
             grid_blocks += int(on_grid.sum())
             all_blocks += on_grid.size
-            base = (node.name or w_name or "matmul").strip("/").replace("/", "_")
             x = node.input[0]
             if k not in sum_mats:
                 s = np.kron(np.eye(k // bs, dtype=np.float32), np.ones((bs, 1), dtype=np.float32))
@@ -249,11 +278,11 @@ class DecoderInt4(Pass):
             ]
             converted += 1
             if is_head:
-                lm_head_quantized, head_base = True, base
+                lm_head_quantized, head_base, head_bits = True, base, 4
             if consumers.get(w_name or "", 0) <= 1:
                 drop.add(w_name or "")
         shared = head_base if cfg.share_tied and head is not None and head.tied != "no" else None
-        emb_report = self._embedding(out, new_nodes, new_inits, drop, consumers, shared) \
+        emb_report = self._embedding(out, new_nodes, new_inits, drop, consumers, shared, head_bits) \
             if cfg.quantize_embedding else {"quantized": False, "why": "off"}
         if converted == 0:
             raise PassError("decoder int4 converted no MatMul",
@@ -270,8 +299,10 @@ class DecoderInt4(Pass):
             "grid_blocks": grid_blocks, "blocks": all_blocks,
             "grid_share": round(grid_blocks / all_blocks, 6) if all_blocks else 0.0,
             "grid_note": "blocks whose float weights were already on a 4-bit grid (e.g. GGUF Q4_1) and were kept "
-                         "exactly; the rest got min/max round-to-nearest",
-            "lm_head": {**untie_report, "quantized": lm_head_quantized}, "embedding": emb_report,
+                         "exactly; the rest got min/max round-to-nearest refined by least squares",
+            "lm_head": {**untie_report, "quantized": lm_head_quantized,
+                        "bits": head_bits if lm_head_quantized else None},
+            "embedding": emb_report,
             "skipped": skipped,
         }
         return PassResult(out, report)
@@ -296,7 +327,8 @@ class DecoderInt4(Pass):
         return ""
 
     def _embedding(self, model: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto],
-                   drop: set[str], consumers: dict[str, int], shared: str | None) -> dict[str, Any]:
+                   drop: set[str], consumers: dict[str, int], shared: str | None,
+                   shared_bits: int = 4) -> dict[str, Any]:
         """Gather(E, ids) -> affine decode of Gather(packed 4-bit E, ids); E stays if something else reads it."""
         bs = self.config.block_size
         gather = word_embedding(model)
@@ -309,6 +341,32 @@ class DecoderInt4(Pass):
         b = gather.name.strip("/").replace("/", "_") or "embedding"
         ids, out = gather.input[1], gather.output[0]
         decode: list[onnx.NodeProto] = []
+        if shared is not None and shared_bits == 8:  # rows of the 8-bit lm_head: (q - 128) * d per block
+            inits += [numpy_helper.from_array(np.array([v, dim // bs], dtype=np.int64), f"{b}.table_shape"),
+                      numpy_helper.from_array(np.array([0, 0, dim // bs, bs], dtype=np.int64), f"{b}.blocks_shape"),
+                      numpy_helper.from_array(np.array([0, 0, dim], dtype=np.int64), f"{b}.row_shape"),
+                      numpy_helper.from_array(np.array(128.0, dtype=np.float32), f"{b}.zero"),
+                      numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{b}.last_axis")]
+            decode += [
+                helper.make_node("Reshape", [f"{shared}.scales", f"{b}.table_shape"], [f"{b}.shared_scales"],
+                                 name=f"{b}/SharedScales"),
+                helper.make_node("Gather", [f"{shared}.q8", ids], [f"{b}.rows"], name=f"{b}/GatherCodes"),
+                helper.make_node("Cast", [f"{b}.rows"], [f"{b}.codes_f"], name=f"{b}/CastCodes",
+                                 to=TensorProto.FLOAT),
+                helper.make_node("Reshape", [f"{b}.codes_f", f"{b}.blocks_shape"], [f"{b}.codes"],
+                                 name=f"{b}/Blocks"),
+                helper.make_node("Sub", [f"{b}.codes", f"{b}.zero"], [f"{b}.centred"], name=f"{b}/ZeroPoint"),
+                helper.make_node("Gather", [f"{b}.shared_scales", ids], [f"{b}.s"], name=f"{b}/GatherScales"),
+                helper.make_node("Unsqueeze", [f"{b}.s", f"{b}.last_axis"], [f"{b}.s1"], name=f"{b}/ScaleAxis"),
+                helper.make_node("Mul", [f"{b}.centred", f"{b}.s1"], [f"{b}.blocks"], name=f"{b}/Scale"),
+                helper.make_node("Reshape", [f"{b}.blocks", f"{b}.row_shape"], [out], name=f"{b}/Rows"),
+            ]
+            i = next(i for i, n in enumerate(nodes) if n.op_type == "Gather" and list(n.output) == [out])
+            nodes[i:i + 1] = decode
+            if consumers.get(gather.input[0], 0) <= 1:
+                drop.add(gather.input[0])
+            return {"quantized": True, "bits": 8, "rows": int(v), "dim": int(dim), "shared_with_lm_head": True,
+                    "layout": "lm_head's 8-bit blocks (the source's Q8_0 grid), gathered by row and decoded"}
         if shared is None:
             q, d, m, on_grid = affine_4bit(e.reshape(v, dim // bs, bs))
             grid = round(float(on_grid.mean()), 6)
