@@ -595,7 +595,7 @@ def profile_cmd(bundle_dir: Path, target: str, device: str | None, runs: int, em
             raise click.UsageError("--known-hosts, --insecure-accept-host-key and --identity go with --device")
         opts = ProfileOptions(runs=runs, emulate_cores=emulate_cores, memory_cap=memory_cap,
                               op_profile_runs=op_runs, device=dev)
-        result = profile_bundle(bundle_dir, target, opts)
+        result = profile_bundle(bundle_dir, target, opts, emulated=emulated)
         if update:
             update_bundle(result)
         if as_json:

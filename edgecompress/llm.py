@@ -48,17 +48,23 @@ def require_gguf_package() -> None:
 
 def gguf_hf_dir(gguf_path: Path, cache_root: Path | None = None) -> Path:
     """The HF model dir converted from a GGUF file, from the cache or converted now (atomically)."""
+    import inspect
+
     from edgecompress import export
     from edgecompress.cache import Cache, digest
     from edgecompress.model import sha256_file
-    from edgecompress.versions import cache_versions
+    from edgecompress.versions import library_versions
 
     if not gguf_path.is_file():
         raise ModelError(f"model file not found: {gguf_path}")
     require_gguf_package()
     # The conversion is cached even under --no-cache: it is a format change of the source, not a build step.
     cache = Cache(cache_root)
-    key = digest({"step": "gguf-to-hf", "gguf": sha256_file(gguf_path), "versions": cache_versions()})
+    # Keyed by what shapes the converted dir: the file, the converter's code and the libraries it uses (not all of
+    # edgecompress's source, which would reconvert on every unrelated edit).
+    versions = {k: v for k, v in library_versions().items() if k in ("transformers", "torch")}
+    key = digest({"step": "gguf-to-hf", "gguf": sha256_file(gguf_path), "versions": versions,
+                  "gguf_package": _version("gguf"), "converter": inspect.getsource(export.convert_gguf)})
 
     def fill(d: Path) -> None:
         log.info("converting %s into a Hugging Face model dir (once; cached)", gguf_path.name)
@@ -115,3 +121,12 @@ def decoder_shape(config: dict[str, Any]) -> DecoderShape:
     max_pos = config.get("max_position_embeddings") or config.get("n_positions")
     return DecoderShape(layers=int(layers), kv_heads=int(kv_heads), head_dim=int(head_dim),
                         max_positions=int(max_pos) if max_pos else None, vocab_size=config.get("vocab_size"))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"

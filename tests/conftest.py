@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -95,3 +96,14 @@ def minilm_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("minilm-export")
     info = export.inspect_model(bundled_model_dir())
     return export.export_onnx(bundled_model_dir(), info, out).onnx_path
+
+
+def pinned_target(name: str = "host", isa: tuple[str, ...] = ("avx2", "fma", "f16c")) -> Any:
+    """A target with fixed ISA flags. `host` reads /proc/cpuinfo, and these machines differ (some have VNNI):
+    tests of ISA-dependent choices pin the flags instead, by default to the AVX2-without-VNNI host of anchors.md."""
+    from dataclasses import replace
+
+    from edgecompress.targets import load_target
+
+    t = load_target(name)
+    return replace(t, hardware=replace(t.hardware, isa=frozenset(isa)))

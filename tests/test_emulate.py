@@ -162,3 +162,21 @@ def test_arm_emulated_bundle_reports_load_ops_and_fidelity(tiny_bert: Path, tmp_
     assert abs(arm["cosine_mean"] - host["cosine_mean"]) < 0.05  # same model, different int8 kernels
     assert r["host_vs_arm"]["max_abs_diff"] >= 0.0
     assert "timing" not in json.dumps(r).replace("no timings", "")
+
+
+@pytest.mark.arm
+@needs_emulator
+def test_profile_emulate_budgets_fidelity_from_arm_kernels(tiny_bert: Path, tmp_path: Path,
+                                                           emulator_env: None) -> None:
+    from click.testing import CliRunner
+
+    from edgecompress.cli import main
+    from edgecompress.pipeline import BuildOptions, build
+
+    out = tmp_path / "b"
+    build(BuildOptions(model=tiny_bert, target="raspberry-pi-5", recipe="int8-dynamic", out=out, runs=3))
+    r = CliRunner().invoke(main, ["profile", str(out), "--target", "raspberry-pi-5", "--emulate", "--json"])
+    assert r.exit_code in (0, 3), r.output
+    rows = {row["name"]: row for row in json.loads(r.stdout)["budgets"]}
+    assert rows["cosine_mean"]["source"] == "emulated"
+    assert rows["latency_p90"]["source"] == "estimated"  # never a timing from emulation

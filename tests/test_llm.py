@@ -336,3 +336,24 @@ def test_smollm2_from_pypi_builds_int4_for_the_phone(tmp_path: Path) -> None:
     assert m.artifact.size_bytes < 110e6
     assert any("dequantized" in w for w in m.warnings)
     assert m.profile["kv_cache"]["bytes_per_token"] == 46_080
+
+
+def test_decoder_estimate_is_bandwidth_bound_and_labelled(tmp_path: Path) -> None:
+    from edgecompress.model import save_model
+    from edgecompress.profiling.decoder import profile_decoder
+
+    model = _grid_decoder_graph()
+    path = tmp_path / "model.onnx"
+    save_model(model, path)
+    target = load_target("phone-arm64")
+    dims = {"prompt_length": 128, "new_tokens": 64, "context_length": 2048, "kv_bytes_per_token": 46_080}
+    profile, figures = profile_decoder(model, path, target, dims, vocab_size=48, threads=None, cores=None,
+                                       measure=False)
+    size = path.stat().st_size
+    per_token = size + 46_080 * (128 + 32)  # weights + the KV cache at the mean context, read once per token
+    expected = target.estimate.bandwidth_efficiency * target.hardware.bandwidth_gbs * 1e9 / per_token
+    assert figures["decode_tok_s"].value == pytest.approx(expected)
+    assert {f.source for f in figures.values()} == {"measured", "estimated"}  # size is measured, the rest not
+    assert profile["kv_cache"]["mb_at_context"] == pytest.approx(46_080 * 2048 / 1e6)
+    assert figures["peak_ram"].value == pytest.approx(
+        target.estimate.runtime_baseline_mb + (size + 46_080 * 2048) / 1e6)

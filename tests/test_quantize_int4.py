@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import bundled_model_dir, matmul_model, run_onnx
+from conftest import bundled_model_dir, matmul_model, pinned_target, run_onnx
 from onnx import numpy_helper
 
 from edgecompress.errors import PassError
@@ -25,7 +25,8 @@ def _ctx(target: str = "host", calibration: list[Batch] | None = None) -> PassCo
     def batches() -> Iterator[Batch]:
         return iter(calibration or [])
 
-    return PassContext(target=load_target(target), info=ModelInfo("test", "Test", "feature-extraction"),
+    t = pinned_target() if target == "host" else load_target(target)
+    return PassContext(target=t, info=ModelInfo("test", "Test", "feature-extraction"),
                        calibration=batches if calibration is not None else None)
 
 

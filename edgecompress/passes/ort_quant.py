@@ -249,7 +249,8 @@ def _nbits_module() -> Any:
     return matmul_nbits_quantizer
 
 
-def _name_nodes(model: onnx.ModelProto) -> None:
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a unique name, in place (ORT selects and reports nodes by name)."""
     used = {n.name for n in model.graph.node if n.name}
     for i, node in enumerate(model.graph.node):
         if not node.name:
@@ -287,7 +288,7 @@ def quantize_weight_only(
     nbits = _nbits_module()
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    _name_nodes(m)
+    name_nodes(m)
     axes = (("MatMul", 0), ("Gather", 1))
 
     def run(q: Any) -> onnx.ModelProto:

@@ -174,14 +174,7 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    used = {n.name for n in m.graph.node if n.name}
-    for i, node in enumerate(m.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in used:
-                name += "_"
-            node.name = name
-            used.add(name)
+    ort_quant.name_nodes(m)
     return m
 
 

@@ -195,8 +195,12 @@ def bundle_dims(model: onnx.ModelProto, bundle: Path, target: Target) -> dict[st
 
 
 def profile_bundle(bundle: Path, target: str | Path, options: ProfileOptions | None = None,
-                   progress: Progress | None = None) -> BundleProfile:
-    """Profile an existing bundle for a target; writes nothing (see update_bundle)."""
+                   progress: Progress | None = None, emulated: dict[str, Any] | None = None) -> BundleProfile:
+    """Profile an existing bundle for a target; writes nothing (see update_bundle).
+
+    `emulated`: the report of profiling.emulate.emulate_bundle; its fidelity, computed by Arm kernels, replaces the
+    build's host-computed fidelity in the budget rows (source `emulated`) and is kept in the profile section.
+    """
     import json
 
     from edgecompress import budget
@@ -219,6 +223,13 @@ def profile_bundle(bundle: Path, target: str | Path, options: ProfileOptions | N
     for name, value in (manifest.get("fidelity") or {}).get("metrics", {}).items():
         if name in METRICS and isinstance(value, (int, float)):
             figures[name] = budget.Figure(float(value), METRICS[name].unit, "measured-on-host")
+    if emulated is not None:
+        profile["emulated"] = emulated
+        arm = (emulated.get("fidelity") or {}).get("arm") or {}
+        for name, value in arm.items():
+            if name in METRICS and isinstance(value, (int, float)):
+                figures[name] = budget.Figure(float(value), METRICS[name].unit, "emulated",
+                                              f"Arm kernels under qemu ({emulated.get('qemu_cpu')})")
     return BundleProfile(Path(bundle), tgt, profile, budget.check(tgt.budgets, figures), manifest)
 
 

@@ -26,12 +26,13 @@ def is_decoder_workload(dims: dict[str, int]) -> bool:
 
 
 def weight_elements(model: onnx.ModelProto) -> int:
-    """Parameters behind the initializers: a packed 4-bit uint8 byte (MatMulNBits, *_q4) holds two weights."""
+    """Parameters behind the initializers: a packed 4-bit uint8 byte (4-bit MatMulNBits, *.q4) holds two."""
     total = 0
-    packed = {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    packed = {n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"
+              and next((a.i for a in n.attribute if a.name == "bits"), 4) == 4}
     for init in model.graph.initializer:
         n = int(np.prod(init.dims)) if init.dims else 1
-        total += 2 * n if init.name in packed or init.name.endswith("_q4") else n
+        total += 2 * n if init.name in packed or init.name.endswith(".q4") else n
     return total
 
 

@@ -74,6 +74,19 @@ def make_inputs(np, specs, seed):
     return feed
 
 
+def _runtime(result: dict):
+    """(numpy, onnxruntime), or None once the missing-dependency result is printed (the caller exits 3)."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+    except ImportError as e:
+        result.update(error=f"missing module on this machine: {e.name}", error_kind="missing-dependency")
+        print(json.dumps(result))
+        return None
+    result.update(onnxruntime=ort.__version__, numpy=np.__version__)
+    return np, ort
+
+
 def run_fidelity(spec: dict) -> int:
     """Fidelity mode (Arm emulation): run given input batches, save the outputs; no timings, no RSS.
 
@@ -83,14 +96,9 @@ def run_fidelity(spec: dict) -> int:
     """
     result: dict = {"ok": False, "mode": "fidelity", "python": platform.python_version(),
                     "machine": platform.machine()}
-    try:
-        import numpy as np
-        import onnxruntime as ort
-    except ImportError as e:
-        result.update(error=f"missing module on this machine: {e.name}", error_kind="missing-dependency")
-        print(json.dumps(result))
+    if (rt := _runtime(result)) is None:
         return 3
-    result.update(onnxruntime=ort.__version__, numpy=np.__version__)
+    np, ort = rt
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(spec.get("threads", 1))
     opts.inter_op_num_threads = 1
@@ -134,14 +142,10 @@ def run_decoder(spec: dict) -> int:
     """
     result: dict = {"ok": False, "mode": "decoder", "python": platform.python_version(),
                     "machine": platform.machine()}
-    try:
-        import numpy as np
-        import onnxruntime as ort
-    except ImportError as e:
-        result.update(error=f"missing module on this machine: {e.name}", error_kind="missing-dependency")
-        print(json.dumps(result))
+    if (rt := _runtime(result)) is None:
         return 3
-    result.update(onnxruntime=ort.__version__, numpy=np.__version__, baseline_rss_mb=current_rss_mb())
+    np, ort = rt
+    result["baseline_rss_mb"] = current_rss_mb()
     opts = ort.SessionOptions()
     threads = int(spec.get("threads", 1))
     opts.intra_op_num_threads = threads
@@ -279,16 +283,9 @@ def main(argv: list[str]) -> int:
     if spec.get("mode") == "decoder":
         return run_decoder(spec)
     result: dict = {"ok": False, "python": platform.python_version(), "machine": platform.machine()}
-    try:
-        import numpy as np
-        import onnxruntime as ort
-    except ImportError as e:
-        result["error"] = f"missing module on this machine: {e.name}"
-        result["error_kind"] = "missing-dependency"
-        print(json.dumps(result))
+    if (rt := _runtime(result)) is None:
         return 3
-    result["onnxruntime"] = ort.__version__
-    result["numpy"] = np.__version__
+    np, ort = rt
 
     if spec.get("cpu_affinity") and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(spec["cpu_affinity"]))
