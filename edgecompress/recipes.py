@@ -137,8 +137,9 @@ RECIPES: dict[str, RecipeSpec] = {
         ),
         RecipeSpec(
             "int8-mixed",
-            "INT8 with per-node sensitivity: dynamic int8 everywhere except the MatMuls whose quantized activations "
-            "cost the most fidelity, which keep float activations (int8 weights) until the fidelity floor holds",
+            "INT8 with per-node sensitivity: activation outliers smoothed into the weights (SmoothQuant, alpha 0.7), "
+            "dynamic int8 everywhere except the MatMuls whose quantized activations cost the most fidelity, which "
+            "keep float activations (int8 weights) until the fidelity floor holds",
             lambda o: [MixedInt8(MixedInt8Config(calibration_method=o.calibration_method,
                                                  calibration_samples=o.calibration_samples))],
             quantizing=True,

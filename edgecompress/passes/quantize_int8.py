@@ -25,6 +25,7 @@ from edgecompress.passes.sensitivity import (
     quantizable_nodes,
     run_first_output,
 )
+from edgecompress.passes.smooth import smooth
 from edgecompress.targets import Target
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,9 @@ class StaticInt8Config:
     sensitivity_batches: int = 4
     # real quantizations at most while searching how many nodes to keep (each is seconds on a small encoder)
     max_builds: int = 4
+    # SmoothQuant-style migration of activation outliers into the weights before quantizing (passes/smooth.py);
+    # None: off
+    smooth_alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,8 @@ class MixedInt8Config(StaticInt8Config):
     # "dynamic": activations quantized at run time (per batch), "static": calibrated ranges
     base: str = "dynamic"
     max_keep: int = 6
+    # per-tensor dynamic activations lose most to outlier channels: smoothing them first leaves fewer nodes to keep
+    smooth_alpha: float | None = 0.7
 
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -239,6 +245,8 @@ class StaticInt8(Pass):
             raise PassError(f"{self.name} needs calibration data and none was given",
                             hint="give --calibration FILE")
         calibration, choice = select_samples(ctx.calibration, cfg.calibration_samples, ctx.seed)
+        if cfg.smooth_alpha is not None:
+            model, report["smoothing"] = smooth(model, calibration(), cfg.smooth_alpha)
         check = [trim_padding(b) for b in islice(calibration(), cfg.check_batches)]
         producer_inputs = {n.name: n.input[0] for n in model.graph.node if n.name in set(matmuls)}
         ranges: dict[str, tuple[float, float]] | None = None
