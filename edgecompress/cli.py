@@ -188,19 +188,25 @@ def build(model: Path | None, target: str, recipe: str | None, out: Path | None,
     _run(body, debug)
 
 
-def _print_verdict(manifest: Any) -> None:
+def _budget_table(title: str, rows: Any) -> Any:
+    """The budget verdict table that build and profile both print."""
     from rich.table import Table
 
-    console = _console()
-    table = Table(title=f"{manifest.source['name']} → {manifest.target['name']} ({manifest.recipe['name']})")
+    table = Table(title=title)
     for col in ("budget", "value", "limit", "unit", "verdict", "source"):
         table.add_column(col, justify="right" if col in ("value", "limit") else "left")
-    for r in manifest.budgets:
+    for r in rows:
         value = "–" if r.value is None else (f"{r.value:.4f}" if abs(r.value) < 10 else f"{r.value:,.1f}")
         limit = f"{r.limit:.4f}" if abs(r.limit) < 10 else f"{r.limit:,.1f}"
         verdict = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
         table.add_row(r.name, value, f"{r.comparison} {limit}", r.unit, verdict, r.source)
-    console.print(table)
+    return table
+
+
+def _print_verdict(manifest: Any) -> None:
+    console = _console()
+    console.print(_budget_table(f"{manifest.source['name']} → {manifest.target['name']} ({manifest.recipe['name']})",
+                                manifest.budgets))
     if manifest.search:
         _print_search(console, manifest.search)
     console.print(f"bundle: {manifest.bundle_dir}  model.onnx {manifest.artifact.size_mb:.2f} MB  sha256 "
@@ -637,15 +643,7 @@ def _print_profile(result: Any, updated: bool) -> None:
                 table.add_row(o["op_type"], f"{o['ms_per_run']:.3f}", f"{o['share']:.1%}", str(o["nodes"]),
                               ",".join(o["providers"]))
             console.print(table)
-    table = Table(title=f"{result.bundle} → {result.target.name} ({where})")
-    for col in ("budget", "value", "limit", "unit", "verdict", "source"):
-        table.add_column(col, justify="right" if col in ("value", "limit") else "left")
-    for r in result.budgets:
-        value = "–" if r.value is None else (f"{r.value:.4f}" if abs(r.value) < 10 else f"{r.value:,.1f}")
-        limit = f"{r.limit:.4f}" if abs(r.limit) < 10 else f"{r.limit:,.1f}"
-        verdict = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
-        table.add_row(r.name, value, f"{r.comparison} {limit}", r.unit, verdict, r.source)
-    console.print(table)
+    console.print(_budget_table(f"{result.bundle} → {result.target.name} ({where})", result.budgets))
     if result.passed:
         console.print("[green]within every budget[/]")
     else:
