@@ -75,12 +75,17 @@ def markdown(out: dict) -> str:
     for j in out["local"]["jobs"]:
         cos = j["fidelity"].get("cosine_mean")
         size = "" if j["size_mb"] is None else f"{j['size_mb']:.2f}"
+        search_s = "–" if j["search_s"] is None else j["search_s"]
         lines.append(f"| {j['target']} | {j['chosen'] or '–'} | {'yes' if j['passed'] else 'no'} | {size} | "
-                     f"{'' if cos is None else f'{cos:.4f}'} | {j['search_s']} | "
+                     f"{'' if cos is None else f'{cos:.4f}'} | {search_s} | "
                      f"{'; '.join(j['failed']) or j['error']} |")
     lines += ["", "| executor | wall time s |", "|---|---|",
               f"| local (process pool, {out['machine']['cpus']} workers) | {out['local']['wall_s']} |",
               f"| Dask LocalCluster, 2 workers × 1 thread | {out['dask']['wall_s']} |", ""]
+    if any(j["search_s"] is None for j in out["local"]["jobs"]):
+        lines.append("Search times were not recorded by this run (sweep jobs did not return the search section "
+                     "then; they do now). Job times in the JSON count from submission, queueing included.")
+        lines.append("")
     same = [a["chosen"] == b["chosen"] for a, b in zip(out["local"]["jobs"], out["dask"]["jobs"], strict=True)]
     lines.append(f"Both executors chose the same recipe for {sum(same)} of {len(same)} targets.")
     return "\n".join(lines) + "\n"

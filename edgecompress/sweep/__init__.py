@@ -96,7 +96,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
             if e.manifest is None:
                 raise
             manifest = e.manifest
-    return {**manifest.summary(), "build_key": manifest.build_key}
+    return job_summary(manifest)
 
 
 def plan_jobs(models: list[str | None], targets: list[str], recipes: list[str], out: Path, *, runs: int,
@@ -141,8 +141,7 @@ def _existing(spec: JobSpec) -> dict[str, Any] | None:
         return None
     from edgecompress.manifest import Manifest
 
-    m = Manifest.from_dict(data)
-    return {**m.summary(), "build_key": m.build_key}
+    return job_summary(Manifest.from_dict(data))
 
 
 @dataclass
@@ -204,6 +203,16 @@ def sweep(models: list[str | None], targets: list[str], recipes: list[str], out:
     results.sort(key=lambda r: (r.model, r.target, r.recipe))
     files = write_results(out, results)
     return SweepResult(str(out), ex.name, results, time.perf_counter() - t0, files)
+
+
+def job_summary(m: Any) -> dict[str, Any]:
+    """What a job returns: the manifest summary, its build key, and for `auto` the search's choice and time."""
+    out = {**m.summary(), "build_key": m.build_key}
+    if m.search:
+        out["search"] = {"chosen": m.search.get("chosen"), "seconds": m.search.get("seconds"),
+                         "candidates": [{"candidate": c["candidate"], "status": c["status"]}
+                                        for c in m.search.get("candidates", [])]}
+    return out
 
 
 def _result(o: Outcome, started: dict[str, float]) -> JobResult:
