@@ -23,7 +23,7 @@ from edgecompress.errors import DataError
 
 log = logging.getLogger(__name__)
 
-Split = Literal["calibration", "evaluation"]
+Split = Literal["calibration", "evaluation", "passages_calibration", "passages_evaluation"]
 SUPPORTED = (".txt", ".jsonl", ".csv", ".tsv")
 
 

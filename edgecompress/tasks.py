@@ -16,7 +16,7 @@ import numpy as np
 
 from edgecompress import export
 from edgecompress.cache import digest, hash_texts
-from edgecompress.calibration import TextSet, count_truncated, tokenize_batches
+from edgecompress.calibration import TextSet, builtin_texts, count_truncated, tokenize_batches
 from edgecompress.evaluate import Fidelity, OnnxRunner, compare, pooled_outputs
 from edgecompress.passes.base import Batch, ModelInfo
 from edgecompress.progress import Progress
@@ -291,23 +291,11 @@ def _log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def decoder_eval_texts(texts: TextSet) -> TextSet:
     """The built-in evaluation sentences are short; a decoder is judged on the built-in held-out passages."""
-    if texts.source != "builtin:evaluation":
-        return texts
-    from importlib import resources
-
-    path = resources.files("edgecompress") / "data" / "corpus" / "passages_evaluation.txt"
-    lines = tuple(ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())
-    return TextSet(lines, "builtin:passages_evaluation")
+    return builtin_texts("passages_evaluation") if texts.source == "builtin:evaluation" else texts
 
 
 def decoder_calibration_texts(texts: TextSet) -> TextSet:
-    if texts.source != "builtin:calibration":
-        return texts
-    from importlib import resources
-
-    path = resources.files("edgecompress") / "data" / "corpus" / "passages_calibration.txt"
-    lines = tuple(ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip())
-    return TextSet(lines, "builtin:passages_calibration")
+    return builtin_texts("passages_calibration") if texts.source == "builtin:calibration" else texts
 
 
 class DecoderTask:

@@ -87,6 +87,17 @@ def _runtime(result: dict):
     return np, ort
 
 
+def _session(ort, model: str, opts, providers: list, result: dict):
+    """An InferenceSession, or None once the load failure is printed (the caller exits 4)."""
+    try:
+        return ort.InferenceSession(model, opts, providers=providers)
+    except Exception as e:
+        result.update(error=f"onnxruntime could not load the model: {str(e).splitlines()[0] if str(e) else e}",
+                      error_kind="load")
+        print(json.dumps(result))
+        return None
+
+
 def run_fidelity(spec: dict) -> int:
     """Fidelity mode (Arm emulation): run given input batches, save the outputs; no timings, no RSS.
 
@@ -104,12 +115,7 @@ def run_fidelity(spec: dict) -> int:
     opts.inter_op_num_threads = 1
     if spec.get("optimized_model_path"):
         opts.optimized_model_filepath = spec["optimized_model_path"]
-    try:
-        sess = ort.InferenceSession(spec["model"], opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        result.update(error=f"onnxruntime could not load the model: {str(e).splitlines()[0] if str(e) else e}",
-                      error_kind="load")
-        print(json.dumps(result))
+    if (sess := _session(ort, spec["model"], opts, ["CPUExecutionProvider"], result)) is None:
         return 4
     result["loaded"] = True
     names = [i.name for i in sess.get_inputs()]
@@ -152,12 +158,7 @@ def run_decoder(spec: dict) -> int:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     t0 = time.perf_counter()
-    try:
-        sess = ort.InferenceSession(spec["model"], opts, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        result.update(error=f"onnxruntime could not load the model: {str(e).splitlines()[0] if str(e) else e}",
-                      error_kind="load")
-        print(json.dumps(result))
+    if (sess := _session(ort, spec["model"], opts, ["CPUExecutionProvider"], result)) is None:
         return 4
     result["load_ms"] = (time.perf_counter() - t0) * 1e3
     inputs = {i.name: i for i in sess.get_inputs()}
@@ -318,12 +319,7 @@ def main(argv: list[str]) -> int:
     result["baseline_rss_mb"] = current_rss_mb()  # interpreter + numpy + onnxruntime, no session yet
 
     t0 = time.perf_counter()
-    try:
-        sess = ort.InferenceSession(spec["model"], opts, providers=providers)
-    except Exception as e:
-        result["error"] = f"onnxruntime could not load the model: {str(e).splitlines()[0] if str(e) else e}"
-        result["error_kind"] = "load"
-        print(json.dumps(result))
+    if (sess := _session(ort, spec["model"], opts, providers, result)) is None:
         return 4
     result["load_ms"] = (time.perf_counter() - t0) * 1e3
     result["after_load_rss_mb"] = current_rss_mb()
