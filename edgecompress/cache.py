@@ -57,6 +57,11 @@ def hash_texts(texts: tuple[str, ...] | list[str]) -> str:
     return h.hexdigest()
 
 
+# Not cache entries: the Arm emulator root (`edgecompress emulator setup`, ~540 MB and ~7 min to rebuild) lives in
+# the cache dir too, but it is an installed tool, so `cache clear` keeps it (delete the dir by hand to remove it).
+KEPT = frozenset({"emulator"})
+
+
 @dataclass(frozen=True)
 class CacheInfo:
     root: str
@@ -145,9 +150,13 @@ class Cache:
         return CacheInfo(str(self.root), entries, sizes)
 
     def clear(self) -> int:
-        """Remove every entry; returns how many were removed."""
+        """Remove every entry; returns how many were removed. Dirs in KEPT (installed tools) stay."""
         n = sum(self.info().entries.values())
         if self.root.is_dir():
-            for kind_dir in [p for p in self.root.iterdir() if p.is_dir()]:
+            for kind_dir in [p for p in self.root.iterdir() if p.is_dir() and p.name not in KEPT]:
                 shutil.rmtree(kind_dir, ignore_errors=True)
         return n
+
+    def kept(self) -> list[Path]:
+        """The installed tools under the cache root that `clear` leaves alone."""
+        return [self.root / name for name in sorted(KEPT) if (self.root / name).is_dir()]

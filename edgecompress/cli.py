@@ -352,7 +352,7 @@ def cache_info(as_json: bool) -> None:
 
 @cache.command("clear")
 def cache_clear() -> None:
-    """Remove every cache entry.
+    """Remove every cache entry (the Arm emulator root, an installed tool, is kept).
 
     \b
     Example:
@@ -364,6 +364,8 @@ def cache_clear() -> None:
         c = Cache()
         n = c.clear()
         click.echo(f"removed {n} entries from {c.root}")
+        for d in c.kept():
+            click.echo(f"kept {d} (the Arm emulator, not a cache entry; delete it by hand to remove it)")
         return 0
 
     _run(body, False)

@@ -135,3 +135,20 @@ def test_no_cache_writes_nothing(tiny_onnx: Path, tmp_path: Path, cache_dir: Pat
     m = _build(tiny_onnx, tmp_path / "a", cache=False)
     assert m.cache["dir"] is None
     assert not cache_dir.exists()
+
+
+def test_clear_keeps_the_emulator_root(cache_dir: Path) -> None:
+    """The Arm emulator root lives in the cache dir but is an installed tool: `cache clear` must not delete it."""
+    from click.testing import CliRunner
+
+    from edgecompress.cli import main as cli
+
+    c = Cache(cache_dir)
+    c.put("export", digest("x"), lambda d: (d / "model.onnx").write_text("m"))
+    (cache_dir / "emulator" / "rootfs").mkdir(parents=True)
+    (cache_dir / "emulator" / "rootfs" / "marker").write_text("arm64 root")
+    res = CliRunner().invoke(cli, ["cache", "clear"])
+    assert res.exit_code == 0, res.output
+    assert "removed 1 entries" in res.output and "kept" in res.output
+    assert c.info().entries == {} and not (cache_dir / "export").exists()
+    assert (cache_dir / "emulator" / "rootfs" / "marker").read_text() == "arm64 root"

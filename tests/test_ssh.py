@@ -277,6 +277,41 @@ def test_run_timeout_kills_the_runner_and_cleans_up(lab: Lab, bundle: Path) -> N
     assert "runner.py" not in lab.processes()  # and the runner itself was stopped
 
 
+_INTERRUPTIBLE = """
+import sys
+from pathlib import Path
+from edgecompress.profiling.local import input_specs, runner_spec
+from edgecompress.profiling.ssh import DeviceOptions, DeviceURL, profile_on_device
+user, port, known, key, py, model = sys.argv[1:]
+spec = runner_spec(Path(model).name, input_specs(Path(model), {}, None), threads=1, runs=10**9, warmup=1,
+                   min_seconds=120.0, max_seconds=120.0)
+dev = DeviceOptions(DeviceURL(user, "127.0.0.1", int(port)), known_hosts=Path(known), identity=(Path(key),),
+                    remote_python=py, connect_timeout_s=10, run_timeout_s=120)
+profile_on_device(Path(model), spec, dev)
+"""
+
+
+def test_ctrl_c_stops_the_remote_runner_and_cleans_up(lab: Lab, bundle: Path) -> None:
+    """SIGINT while the runner is busy on the device: the remote process is killed, not left to run out its time."""
+    model = bundle / "model.onnx"
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTIBLE, lab.user, str(lab.port), str(lab.known_hosts),
+                             str(lab.client_key), VENV_PYTHON, str(model)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "runner.py" not in lab.processes():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the remote runner never started"
+            time.sleep(0.2)
+        proc.send_signal(2)
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    time.sleep(0.5)
+    assert "runner.py" not in lab.processes()
+    assert lab.leftovers() == []
+
+
 def test_a_failing_run_still_cleans_up(lab: Lab, bundle: Path) -> None:
     model = bundle / "model.onnx"
     wrong = [{"name": "X", "dtype": "float32", "shape": [3, 3], "fill": "normal"}]  # the model wants [4, 128]

@@ -255,10 +255,14 @@ async def _run_in(conn: Any, dev: DeviceOptions, run: DeviceRun, files: list[Pat
     # the shell records its pid and execs python in place, so a timeout can kill exactly that process
     argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', pidfile, dev.remote_python, f"{remote}/runner.py",
             f"{remote}/spec.json"]
+    kill = ["sh", "-c", 'kill -9 "$(cat "$0")" 2>/dev/null; true', pidfile]
     try:
         proc = await _run(conn, argv, dev.run_timeout_s)
+    except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels us): stop the remote runner too, then go on
+        await asyncio.wait_for(_run(conn, kill, 10.0), 15.0)
+        raise
     except asyncssh.TimeoutError:
-        await _run(conn, ["sh", "-c", 'kill -9 "$(cat "$0")" 2>/dev/null; true', pidfile], 10.0)
+        await _run(conn, kill, 10.0)
         raise ProfileError(f"the run on {dev.url.name} took longer than {dev.run_timeout_s:g} s (stopped)",
                            hint="raise --run-timeout, or lower --runs") from None
     result = parse_runner_output(str(proc.stdout or ""))
