@@ -65,13 +65,16 @@ def test_custom_lowering_is_supported() -> None:
     assert ranked["fc2"] == pytest.approx(1.0) and ranked["fc1"] > 0.05
 
 
-@pytest.mark.parametrize("ranges", [None, {"X": (-4.0, 4.0), "s": (0.0, 6.0)}])
-def test_gated_simulation_matches_the_fake_quantized_model(ranges: dict[str, tuple[float, float]] | None) -> None:
+@pytest.mark.parametrize(("ranges", "per_token"), [(None, False), ({"X": (-4.0, 4.0), "s": (0.0, 6.0)}, False),
+                                                   (None, True)])
+def test_gated_simulation_matches_the_fake_quantized_model(ranges: dict[str, tuple[float, float]] | None,
+                                                           per_token: bool) -> None:
     model, batches = _mlp(), _batches()
-    sim = Int8Simulation(model, ["fc1", "fc2"], act_ranges=ranges)
+    sim = Int8Simulation(model, ["fc1", "fc2"], act_ranges=ranges, per_token=per_token)
     exact = run_first_output(model, batches, optimize=False)
     for subset in ([], ["fc1"], ["fc2"], ["fc1", "fc2"]):
-        want = run_first_output(fake_quantize_int8(model, subset, act_ranges=ranges), batches, optimize=False)
+        want = run_first_output(fake_quantize_int8(model, subset, act_ranges=ranges, per_token=per_token), batches,
+                                optimize=False)
         got = sim.outputs(subset, batches)
         for w, g in zip(want, got, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
@@ -97,3 +100,35 @@ def test_sensitivity_needs_calibration() -> None:
     ctx.calibration = None
     with pytest.raises(PassError, match="needs calibration"):
         node_sensitivity(_mlp(), ctx, ["fc1"])
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_per_token_simulation_matches_the_integer_kernels(opset: int) -> None:
+    """The float simulation that ranks nodes for int8-mixed predicts what per_token_int8 runs in MatMulInteger."""
+    from edgecompress.passes.quantize_int8 import per_token_int8
+
+    model = _mlp(outlier=30.0)
+    model.opset_import[0].version = opset
+    batches = _batches()
+    batches[0]["X"][0, 1] *= 40.0  # an outlier token
+    want = run_first_output(fake_quantize_int8(model, ["fc1", "fc2"], per_token=True), batches, optimize=False)
+    got = run_first_output(per_token_int8(model, ["fc1", "fc2"]), batches)
+    exact = run_first_output(model, batches)
+    for w, g, e in zip(want, got, exact, strict=True):
+        # same codes and scales; only the float summation order differs (far below the int8 error itself)
+        assert np.abs(g - w).max() < 1e-3 * np.abs(w).max() < np.abs(e - w).max()
+
+
+def test_per_token_simulation_quantizes_tables_per_row() -> None:
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (int64[2, 3] ids) => (float[2, 3, 4] y) { y = Gather (T, ids) }
+    """)
+    model.graph.node[0].name = "emb"
+    table = np.array([[1e-3, -2e-3, 3e-3, 0.0], [100.0, -50.0, 25.0, 1.0]] * 5, np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(table, "T"))
+    ids = {"ids": np.array([[0, 1, 2], [3, 4, 5]], np.int64)}
+    per_row = run_first_output(fake_quantize_int8(model, ["emb"], per_token=True), [ids], optimize=False)[0]
+    per_tensor = run_first_output(fake_quantize_int8(model, ["emb"]), [ids], optimize=False)[0]
+    small = table[ids["ids"]][..., 0] == np.float32(1e-3)
+    assert np.allclose(per_row[small], table[0], rtol=0.01) and not per_tensor[small].any()

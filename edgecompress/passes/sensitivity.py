@@ -156,31 +156,56 @@ def fake_quantize_int8(
     act_ranges: dict[str, tuple[float, float]] | None = None,
     act_signed: bool = False,
     reduce_range: bool = False,
+    per_token: bool = False,
 ) -> onnx.ModelProto:
     """A float copy of `model` in which `nodes` compute as INT8 would: MatMul weights rounded per output channel,
     Gather tables per tensor, and each MatMul's activation input passed through Quantize -> Dequantize, with a
     static range from `act_ranges` (tensor -> (low, high)) or, without one, a dynamic per-batch uint8 range
-    (DynamicQuantizeLinear, as ORT's dynamic quantization)."""
+    (DynamicQuantizeLinear, as ORT's dynamic quantization). With `per_token`, as quantize_int8.per_token_int8 and
+    row_int8_gather do it: a symmetric scale per token (last-axis row) of each activation, per row of each table."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {t.name: t for t in m.graph.initializer}
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
     wanted = set(nodes)
     new_nodes: list[onnx.NodeProto] = []
     for i, node in enumerate(m.graph.node):
         if node.name not in wanted:
             new_nodes.append(node)
             continue
-        widx, axis = (1, 1) if node.op_type == "MatMul" else (0, None)
+        widx, axis = (1, 1) if node.op_type == "MatMul" else (0, 0 if per_token else None)
         w = numpy_helper.to_array(inits[node.input[widx]])
         q, scale = int8_weight(w, axis, reduce_range)
-        dq = (q.astype(np.float32) * (scale if axis is None else scale.reshape(1, -1))).astype(w.dtype)
+        dq = (q.astype(np.float32) * (scale if axis is None else np.expand_dims(scale, 1 - axis))).astype(w.dtype)
         fq_name = f"{node.input[widx]}__fq{i}"
         m.graph.initializer.append(numpy_helper.from_array(dq, fq_name))
         node.input[widx] = fq_name
         if node.op_type == "MatMul":
             x = node.input[0]
             xq, xd = f"{x}__q{i}", f"{x}__dq{i}"
-            if act_ranges is not None and x in act_ranges:
+            if per_token:
+                # round(x / s) * s with s = max|row| / 127: the codes per_token_int8 feeds its MatMulInteger
+                names = {k: f"{x}__pt{k}{i}" for k in ("abs", "amax", "s", "r", "axes", "inv127", "tiny")}
+                m.graph.initializer.extend([
+                    numpy_helper.from_array(np.array([-1], dtype=np.int64), names["axes"]),
+                    numpy_helper.from_array(np.array(1.0 / 127.0, dtype=np.float32), names["inv127"]),
+                    numpy_helper.from_array(np.array(1e-30, dtype=np.float32), names["tiny"])])
+                # ReduceMax takes its axes as an input from opset 18, as an attribute before
+                amax = (helper.make_node("ReduceMax", [names["abs"], names["axes"]], [names["amax"]], keepdims=1,
+                                         name=f"{node.name}__pt_amax") if opset >= 18 else
+                        helper.make_node("ReduceMax", [names["abs"]], [names["amax"]], axes=[-1], keepdims=1,
+                                         name=f"{node.name}__pt_amax"))
+                new_nodes += [
+                    helper.make_node("Abs", [x], [names["abs"]], name=f"{node.name}__pt_abs"),
+                    amax,
+                    helper.make_node("Mul", [names["amax"], names["inv127"]], [f"{names['s']}0"],
+                                     name=f"{node.name}__pt_s0"),
+                    helper.make_node("Max", [f"{names['s']}0", names["tiny"]], [names["s"]],
+                                     name=f"{node.name}__pt_s"),
+                    helper.make_node("Div", [x, names["s"]], [f"{names['r']}0"], name=f"{node.name}__pt_div"),
+                    helper.make_node("Round", [f"{names['r']}0"], [names["r"]], name=f"{node.name}__pt_round"),
+                    helper.make_node("Mul", [names["r"], names["s"]], [xd], name=f"{node.name}__dq")]
+            elif act_ranges is not None and x in act_ranges:
                 s, zp = activation_qparams(*act_ranges[x], signed=act_signed)
                 ps, pz = f"{x}__s{i}", f"{x}__zp{i}"
                 m.graph.initializer.extend([
@@ -212,10 +237,10 @@ class Int8Simulation:
 
     def __init__(self, model: onnx.ModelProto, nodes: Sequence[str], *,
                  act_ranges: dict[str, tuple[float, float]] | None = None, act_signed: bool = False,
-                 reduce_range: bool = False) -> None:
+                 reduce_range: bool = False, per_token: bool = False) -> None:
         self.nodes = list(nodes)
         fq = fake_quantize_int8(model, self.nodes, act_ranges=act_ranges, act_signed=act_signed,
-                                reduce_range=reduce_range)
+                                reduce_range=reduce_range, per_token=per_token)
         self.model = _gate(model, fq, self.nodes)
         self._session: Any = None
 

@@ -65,14 +65,19 @@ def activation_stats(model: onnx.ModelProto, names: list[str], batches: Iterable
     return amax, {n: np.concatenate(r)[:keep_rows] for n, r in rows.items() if r}
 
 
-def _int8_error(x: np.ndarray, ws: list[np.ndarray], scale: np.ndarray | None) -> float:
-    """Relative output error of x @ w with x quantized like ORT's dynamic path (uint8, one scale per tensor) and w
-    per output channel (int8 symmetric), after dividing x's channels by `scale` (None: as is)."""
+def _int8_error(x: np.ndarray, ws: list[np.ndarray], scale: np.ndarray | None, per_token: bool = False) -> float:
+    """Relative output error of x @ w with x quantized like ORT's dynamic path (uint8, one scale per tensor) or,
+    with `per_token`, like quantize_int8.per_token_int8 (symmetric, one scale per row), and w per output channel
+    (int8 symmetric), after dividing x's channels by `scale` (None: as is)."""
     xs = x if scale is None else x / scale
-    lo, hi = min(float(xs.min()), 0.0), max(float(xs.max()), 0.0)
-    step = (hi - lo) / 255 or 1.0
-    zero = np.round(-lo / step)
-    xq = (np.clip(np.round(xs / step) + zero, 0, 255) - zero) * step
+    if per_token:
+        row = np.maximum(np.abs(xs).max(axis=1, keepdims=True) / 127, 1e-30)
+        xq = np.round(xs / row) * row
+    else:
+        lo, hi = min(float(xs.min()), 0.0), max(float(xs.max()), 0.0)
+        step = (hi - lo) / 255 or 1.0
+        zero = np.round(-lo / step)
+        xq = (np.clip(np.round(xs / step) + zero, 0, 255) - zero) * step
     err, ref_norm = 0.0, 0.0
     for w in ws:
         wsm = w if scale is None else w * scale[:, None]
@@ -86,12 +91,13 @@ def _int8_error(x: np.ndarray, ws: list[np.ndarray], scale: np.ndarray | None) -
 
 
 def smooth(model: onnx.ModelProto, batches: Iterable[Batch], alpha: float,
-           alphas: tuple[float, ...] = (0.5,)) -> tuple[onnx.ModelProto, dict[str, Any]]:
+           alphas: tuple[float, ...] = (0.5,), *, per_token: bool = False) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """A copy of `model` with its Linear MatMul inputs smoothed; numerically the same model in float.
 
     Each input takes the alpha (from `alphas`, plus `alpha`) whose simulated int8 error on a calibration sample is
     lowest, or no smoothing at all when that is lower still: an extreme outlier moved into the weights can cost
-    the weights more than it saves the activations.
+    the weights more than it saves the activations. The activations' error is simulated as the int8 path will
+    quantize them: one scale per tensor, or per token with `per_token`.
     """
     groups = _linear_groups(model)
     if not groups:
@@ -120,9 +126,9 @@ def smooth(model: onnx.ModelProto, batches: Iterable[Batch], alpha: float,
             return np.clip(a ** al / np.clip(w_amax, 1e-8, None) ** (1 - al), _S_MIN, _S_MAX)
 
         sample, ws = samples[x].astype(np.float64), [w.astype(np.float64) for w in weights.values()]
-        tried = {al: _int8_error(sample, ws, scale_for(al)) for al in sorted({alpha, *alphas})}
+        tried = {al: _int8_error(sample, ws, scale_for(al), per_token) for al in sorted({alpha, *alphas})}
         best = min(tried, key=lambda k: tried[k])
-        if tried[best] >= _int8_error(sample, ws, None):
+        if tried[best] >= _int8_error(sample, ws, None, per_token):
             chosen[x] = None
             continue
         chosen[x] = best
@@ -147,6 +153,7 @@ def smooth(model: onnx.ModelProto, batches: Iterable[Batch], alpha: float,
     out.graph.node.extend(ordered)
     smoothed = [x for x, al in chosen.items() if al is not None]
     report = {"alpha": alpha, "alphas_tried": sorted({alpha, *alphas}), "smoothed_inputs": len(smoothed),
+              "error_simulated": "per token" if per_token else "per tensor",
               "left_as_is": len(chosen) - len(smoothed),
               "alpha_chosen": {str(al): sum(1 for v in chosen.values() if v == al)
                                for al in sorted({v for v in chosen.values() if v is not None})},
