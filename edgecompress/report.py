@@ -19,6 +19,26 @@ def _num(x: object) -> str:
     return str(x)
 
 
+DECODER_TASK = "text-generation-with-past"  # = export.DECODER_TASKS[0]
+
+
+def _counted(m: Manifest) -> str:
+    """What fidelity and the export check count: a decoder is judged per predicted token, an encoder per text."""
+    return "tokens" if m.fidelity.get("task", m.source.get("task")) == DECODER_TASK else "texts"
+
+
+def pareto_axis(metric: str) -> tuple[str, Any]:
+    """(label, value -> y) with larger y better, as the Pareto front wants: a ratio where lower is better is
+    plotted as its inverse (FP32's perplexity over the candidate's), any other lower-is-better metric negated."""
+    from edgecompress.metrics import METRICS
+
+    if metric not in METRICS or METRICS[metric].higher_is_better:
+        return metric, float
+    if metric == "perplexity_ratio":
+        return "1 / perplexity_ratio (higher is better)", lambda v: 1.0 / float(v)
+    return f"-{metric} (higher is better)", lambda v: -float(v)
+
+
 def budget_table(m: Manifest) -> list[str]:
     lines = ["| budget | value | limit | unit | verdict | source |", "|---|---|---|---|---|---|"]
     for r in m.budgets:
@@ -62,18 +82,23 @@ def render_markdown(m: Manifest) -> str:
     out += kernels_section(m.kernels)
     fid = m.fidelity
     out += ["", "## Fidelity", "",
-            f"Against {fid['reference']} on {fid['texts']} texts ({fid['text_source']}); {fid['source']}.", "",
+            f"Against {fid['reference']} on {fid['texts']} {_counted(m)} ({fid['text_source']}); {fid['source']}.",
+            "",
             "| metric | value |", "|---|---|"]
     out += [f"| {k} | {_num(v)} |" for k, v in fid["metrics"].items()]
     out += [f"- note: {n}" for n in fid.get("notes", [])]
     exp = m.export
     out += ["", "## Export", "",
             f"optimum {m.tool.get('optimum-onnx', '?')} (opset {exp['opset']}, task `{exp['task']}`), "
-            f"{exp['seconds']:.1f} s. Check against PyTorch FP32 on {exp['check']['texts']} texts: max |Δ| "
+            f"{exp['seconds']:.1f} s. Check against PyTorch FP32 on {exp['check']['texts']} {_counted(m)}: max |Δ| "
             f"{exp['check']['max_abs_diff']:.2e} on `{exp['check']['output']}` (tolerance {exp['check']['atol']:g}).",
             "", "## Profile", ""]
     prof = m.profile
-    for key in ("host", "estimate"):
+    if "kv_cache" in prof:  # decoders
+        kv = prof["kv_cache"]
+        out += [f"Decoder workload: {_workload(prof)}; KV cache {kv['bytes_per_token']:,} B/token, "
+                f"{kv['mb_at_context']:.1f} MB at the {kv['context_length']:,}-token context (in peak RAM).", ""]
+    for key in ("host", "device", "estimate"):
         if key in prof:
             section = prof[key]
             out.append(f"### {key} ({section.get('source', '')})")
@@ -89,6 +114,12 @@ def render_markdown(m: Manifest) -> str:
         out += ["## Warnings", "", *[f"- {w}" for w in m.warnings], ""]
     out += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in m.tool.items()), ""]
     return "\n".join(out)
+
+
+def _workload(prof: dict[str, Any]) -> str:
+    wl = prof.get("workload", {})
+    return (f"prompt {wl.get('prompt_length')} tokens, {wl.get('new_tokens')} new tokens, context "
+            f"{wl.get('context_length')}")
 
 
 def kernels_section(k: dict) -> list[str]:
@@ -202,13 +233,16 @@ def _plots(m: Manifest) -> list[str]:
         panels.append(plots.Panel(metric, [plots.Bar("fp32", 1.0, "by definition"),
                                            plots.Bar(name, m.fidelity["metrics"][metric])],
                                   rows[metric].limit if metric in rows else None, zoom=True))
-    panels.append(plots.Panel("latency (ms)", [plots.Bar("fp32", base.get("latency_ms"), "estimated"),
-                                               plots.Bar(name, est.get("latency_ms"), "estimated")],
+    decoder = "kv_cache" in prof
+    panels.append(plots.Panel("decode step (ms)" if decoder else "latency (ms)",
+                              [plots.Bar("fp32", base.get("latency_ms"), "estimated"),
+                               plots.Bar(name, est.get("latency_ms"), "estimated")],
                               lat_row.limit if lat_row else None))
+    how = ("the estimated time of one decode step (bandwidth-bound: weights and KV cache read once per token)"
+           if decoder else "roofline-estimated latency at the target's workload")
     out += _img(plots.versus_png(panels, title=f"{name} against the FP32 export on {m.target['name']}"),
                 "recipe against FP32", "Size (measured), fidelity (measured on this host; FP32 is the reference, "
-                "so 1) and roofline-estimated latency at the target's workload, both from the same model.",
-                "plot-versus")
+                f"so 1) and {how}, both estimated the same way.", "plot-versus")
 
     samples = host.get("samples_ms") or []
     if samples:
@@ -237,12 +271,13 @@ def _plots(m: Manifest) -> list[str]:
 
     if m.search:
         s = m.search
-        points = [plots.ParetoPoint(str(c["candidate"]), float(c["size_mb"]), float(c["fidelity"][s["metric"]]),
+        ylabel, y = pareto_axis(s["metric"])
+        points = [plots.ParetoPoint(str(c["candidate"]), float(c["size_mb"]), y(c["fidelity"][s["metric"]]),
                                     bool(c.get("passed")))
                   for c in s["candidates"] if c.get("status") == "built" and c.get("size_mb") is not None
                   and (c.get("fidelity") or {}).get(s["metric"]) is not None]
         out += _img(plots.pareto_png(points, f"{m.target['name']}: candidates, size vs fidelity "
-                                             "(green: within budgets)", s["metric"]),
+                                             "(green: within budgets)", ylabel),
                     "Pareto front of the search", "Every candidate the search built; circles are on the "
                     "Pareto front (joined), green ones are within every budget.", "plot-pareto")
     return out
@@ -287,14 +322,18 @@ def render_html(m: Manifest) -> str:
 
     fid = m.fidelity
     out += ["<h2>Fidelity</h2>",
-            f"<p>Against {_e(fid['reference'])} on {_e(fid['texts'])} texts ({_e(fid['text_source'])}); "
+            f"<p>Against {_e(fid['reference'])} on {_e(fid['texts'])} {_counted(m)} ({_e(fid['text_source'])}); "
             f"{_e(fid['source'])}.</p>"]
     out += _table(["metric", "value"], [[_e(k), _e(_num(v))] for k, v in fid["metrics"].items()], frozenset({1}),
                   "fidelity")
     out += [f"<p>note: {_e(n)}</p>" for n in fid.get("notes", [])]
 
     out.append("<h2>Profile</h2>")
-    for key in ("host", "estimate"):
+    if "kv_cache" in m.profile:  # decoders
+        kv = m.profile["kv_cache"]
+        out.append(f"<p>Decoder workload: {_e(_workload(m.profile))}; KV cache {kv['bytes_per_token']:,} B/token, "
+                   f"{kv['mb_at_context']:.1f} MB at the {kv['context_length']:,}-token context (in peak RAM).</p>")
+    for key in ("host", "device", "estimate"):
         section = m.profile.get(key)
         if not section:
             continue

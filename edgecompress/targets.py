@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ ISA_FLAGS = frozenset(
     {"avx2", "fma", "f16c", "avx512", "avx512_vnni", "avx_vnni", "neon", "fp16", "dotprod", "i8mm", "bf16", "sve",
      "sve2"}
 )
+# The causal-LM task name (= export.DECODER_TASKS[0]); targets.py imports nothing but errors and metrics.
+DECODER_TASK = "text-generation-with-past"
 KNOWN_PROVIDERS = frozenset(
     {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "XnnpackExecutionProvider",
      "NnapiExecutionProvider", "QNNExecutionProvider", "CoreMLExecutionProvider", "OpenVINOExecutionProvider",
@@ -74,6 +76,16 @@ class Budgets:
     # decoders only (checked where there is a decode figure): generation speed floor, time-to-first-token ceiling
     min_decode_tok_s: float | None = None
     max_ttft_ms: float | None = None
+    # [budgets.decoder]: the fields above that a causal LM is held to instead (a decoder's weights and KV cache are
+    # a different size class from an encoder's); applied by Target.for_task, empty where the file has no table
+    decoder: dict[str, float] = field(default_factory=dict)
+
+    def for_decoder(self) -> Budgets:
+        """These budgets as a decoder is held to them: [budgets] with [budgets.decoder] on top."""
+        if not self.decoder:
+            return self
+        over: dict[str, Any] = dict(self.decoder)  # only float fields (checked by _decoder_budgets)
+        return replace(self, **over, decoder={})
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,14 @@ class Target:
     estimate: EstimateFactors
     path: str
     sha256: str
+
+    def for_task(self, task: str) -> Target:
+        """The target as a model of `task` is judged on it: decoders get [budgets.decoder] over [budgets].
+
+        Apply it before any per-build overrides (--max-size-mb ...), so that those still win."""
+        if task == DECODER_TASK and self.budgets.decoder:
+            return replace(self, budgets=self.budgets.for_decoder())
+        return self
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "file": self.path, "sha256": self.sha256, "host": self.host,
@@ -146,6 +166,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool, str]]] = {
         "min_decode_tok_s": (_Num, False, "a positive number (decoder tokens/s, a floor)"),
         "max_ttft_ms": (_Num, False, "a positive number (decoder time to first token, ms)"),
         "fidelity": ((dict,), False, "a table of metric = limit"),
+        "decoder": ((dict,), False, "a table of budget = limit for decoders (causal LMs)"),
     },
     "estimate": {
         "compute_efficiency": (_Num, True, "a number in (0, 1]"),
@@ -194,6 +215,25 @@ def _section(path: Path, data: dict[str, Any], name: str) -> dict[str, Any]:
     return out
 
 
+# [budgets.decoder]: which [budgets] keys a decoder may be held to differently
+_DECODER_BUDGETS = ("max_size_mb", "max_peak_ram_mb", "max_latency_p90_ms", "max_load_ms", "min_decode_tok_s",
+                    "max_ttft_ms")
+
+
+def _decoder_budgets(path: Path, table: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in table.items():
+        if key not in _DECODER_BUDGETS:
+            close = difflib.get_close_matches(key, _DECODER_BUDGETS, n=1)
+            hint = f" (did you mean 'budgets.decoder.{close[0]}'?)" if close else ""
+            raise ConfigError(f"malformed target file {path}: unknown key 'budgets.decoder.{key}'{hint}",
+                              hint=f"allowed keys here: {', '.join(_DECODER_BUDGETS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise _bad(path, f"budgets.decoder.{key}", "a positive number", value)
+        out[key] = float(value)
+    return out
+
+
 def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
     top = _section(path, data, "")
     hw = _section(path, data, "hardware")
@@ -222,6 +262,7 @@ def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
         if not 0 < est[key] <= 1:
             raise _bad(path, f"estimate.{key}", "a number in (0, 1]", est[key])
     fidelity = bd.pop("fidelity", {})
+    decoder = _decoder_budgets(path, bd.pop("decoder", {}))
     for metric, limit in fidelity.items():
         if metric not in METRICS:
             raise _bad(path, f"budgets.fidelity.{metric}", f"a metric from {sorted(METRICS)}")
@@ -248,6 +289,7 @@ def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
             fidelity={k: float(v) for k, v in fidelity.items()},
             **({"max_load_ms": float(bd["max_load_ms"])} if "max_load_ms" in bd else {}),
             **{k: float(bd[k]) for k in ("min_decode_tok_s", "max_ttft_ms") if k in bd},
+            decoder=decoder,
         ),
         estimate=EstimateFactors(
             compute_efficiency=float(est["compute_efficiency"]),

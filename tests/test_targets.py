@@ -86,3 +86,57 @@ def test_host_isa_is_detected_from_cpuinfo(tmp_path: Path) -> None:
     bad.write_text(re.sub(r"isa = \[.*\]", 'isa = "detect"', src))
     with pytest.raises(ConfigError, match=r"hardware\.isa"):
         load_target(bad)
+
+
+# --- decoder budgets ([budgets.decoder]) -------------------------------------------------------------------------
+DECODER = "text-generation-with-past"
+SMOLLM2_KV_MB_AT_2K = 46_080 * 2048 / 1e6  # layers x 2 x kv_heads x head_dim x 4 B x context
+
+
+def test_every_target_holds_decoders_to_decoder_budgets() -> None:
+    for name in EXPECTED:
+        t = load_target(name)
+        enc, dec = t.budgets, t.for_task(DECODER).budgets
+        assert t.for_task("feature-extraction") is t  # encoders keep [budgets]
+        assert dec.decoder == {} and dec.fidelity == enc.fidelity
+        assert dec.min_decode_tok_s is not None and dec.max_ttft_ms is not None
+        # one decode step may take at most 1 / the tok/s floor
+        assert dec.max_latency_p90_ms == pytest.approx(1000 / dec.min_decode_tok_s)
+        # the documented rule: RAM at most half the usable RAM, size at most half the RAM budget and at most what a
+        # decode step can stream at the tok/s floor (the host is measured, so only the RAM halves bind there)
+        hw, eff = t.hardware, t.estimate
+        assert dec.max_peak_ram_mb <= hw.usable_ram_mb / 2
+        assert dec.max_size_mb <= dec.max_peak_ram_mb / 2
+        if not t.host:
+            assert dec.max_size_mb <= eff.bandwidth_efficiency * hw.bandwidth_gbs * 1e3 / dec.min_decode_tok_s + 1
+        # SmolLM2 int4 (108.4 MB) with its KV cache at the context fits; its FP32 export (652.5 MB) does not
+        assert eff.runtime_baseline_mb + 108.4 + SMOLLM2_KV_MB_AT_2K <= dec.max_peak_ram_mb
+        assert dec.max_size_mb >= 108.4
+        if name in ("phone-arm64", "raspberry-pi-5", "raspberry-pi-4"):
+            assert dec.max_size_mb < 652.5
+
+
+def test_decoder_budgets_table_is_validated(tmp_path: Path) -> None:
+    base = _host_text().replace('name = "host"', 'name = "mydev"')
+    for bad, needle in (("max_size = 10", "unknown key 'budgets.decoder.max_size' (did you mean "
+                                          "'budgets.decoder.max_size_mb'?)"),
+                        ("max_size_mb = -3", "'budgets.decoder.max_size_mb' must be a positive number"),
+                        ('min_decode_tok_s = "fast"', "'budgets.decoder.min_decode_tok_s'")):
+        text = re.sub(r"\[budgets\.decoder\]\n(.*\n)*?\n", f"[budgets.decoder]\n{bad}\n\n", base, count=1)
+        with pytest.raises(ConfigError) as e:
+            load_target(_write(tmp_path, text))
+        assert needle in e.value.one_line() and str(tmp_path) in e.value.one_line()
+    # no table: a decoder gets [budgets] as is
+    text = re.sub(r"\[budgets\.decoder\]\n(.*\n)*?\n", "", base, count=1)
+    t = load_target(_write(tmp_path, text))
+    assert t.budgets.decoder == {} and t.for_task(DECODER) is t
+
+
+def test_build_overrides_win_over_decoder_budgets(tmp_path: Path) -> None:
+    """pipeline.plan applies [budgets.decoder] first, then --max-size-mb and friends."""
+    from dataclasses import replace
+
+    t = load_target("phone-arm64").for_task(DECODER)
+    assert t.budgets.max_size_mb == 200
+    overridden = replace(t.budgets, max_size_mb=150.0)
+    assert overridden.max_size_mb == 150 and overridden.max_peak_ram_mb == 768

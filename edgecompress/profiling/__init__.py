@@ -53,9 +53,12 @@ def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, d
 
     if is_decoder_workload(dims):  # a causal LM (tasks.DecoderTask): prefill + token-by-token decode
         measure = opts.device is None and bool(target.host or opts.emulate_cores)
-        with progress.step("profile decoder (prefill, decode)" + (" on this host" if measure else ", estimated")):
+        where = (f" on {opts.device.url.name}" if opts.device is not None else " on this host" if measure
+                 else ", estimated")
+        with progress.step(f"profile decoder (prefill, decode){where}"):
             return profile_decoder(model, model_path, target, dims, vocab_size=vocab_size, threads=opts.threads,
-                                   cores=opts.emulate_cores, measure=measure)
+                                   cores=opts.emulate_cores, measure=measure, device=opts.device,
+                                   memory_cap_mb=float(target.hardware.usable_ram_mb) if opts.memory_cap else None)
     profile: dict[str, Any] = {"workload": dict(dims)}
     figures = {"size": Figure(artifact_size_bytes(model_path) / 1e6, "MB", "measured",
                               "model file plus external data")}
@@ -141,9 +144,11 @@ class BundleProfile:
         measured = self.profile.get("device") or self.profile.get("host") or {}
         return {"bundle": str(self.bundle), "target": self.target.name, "passed": self.passed,
                 "measured": {k: measured[k] for k in ("source", "device", "latency_ms", "load_ms", "peak_rss_mb",
-                                                       "baseline_rss_mb", "limits", "out_of_memory", "note")
+                                                       "baseline_rss_mb", "limits", "out_of_memory", "note",
+                                                       "by_threads", "peak_ram_with_kv_at_context_mb")
                              if k in measured},
-                "estimate": {k: self.profile["estimate"][k] for k in ("latency_ms", "peak_ram_mb")},
+                "estimate": {k: self.profile["estimate"][k] for k in ("latency_ms", "peak_ram_mb", "decode_tok_s",
+                                                                      "ttft_ms") if k in self.profile["estimate"]},
                 "ops": (measured.get("ops") or {}).get("by_op_type", [])[:10],
                 "budgets": [r.as_dict() for r in self.budgets], "failed": [r.miss() for r in self.budgets
                                                                             if not r.passed]}
@@ -206,6 +211,7 @@ def profile_bundle(bundle: Path, target: str | Path, options: ProfileOptions | N
     from edgecompress import budget
     from edgecompress.errors import BundleError
     from edgecompress.metrics import METRICS
+    from edgecompress.profiling.decoder import DECODER_TASK, bundle_decoder_dims
     from edgecompress.targets import load_target
 
     tgt = load_target(target)
@@ -217,7 +223,11 @@ def profile_bundle(bundle: Path, target: str | Path, options: ProfileOptions | N
     vocab = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         vocab = int(json.loads((model_path.parent / "config.json").read_text(encoding="utf-8"))["vocab_size"])
-    dims = bundle_dims(model, model_path.parent, tgt)
+    # a decoder is profiled as one (prefill, decode tok/s, KV cache) and held to the target's decoder budgets
+    dec_dims = bundle_decoder_dims(model, model_path.parent, manifest, tgt)
+    if dec_dims is not None:
+        tgt = tgt.for_task(DECODER_TASK)
+    dims = dec_dims if dec_dims is not None else bundle_dims(model, model_path.parent, tgt)
     profile, figures = profile_artifact(model, model_path, tgt, dims, vocab_size=vocab, progress=progress,
                                         options=options or ProfileOptions())
     for name, value in (manifest.get("fidelity") or {}).get("metrics", {}).items():

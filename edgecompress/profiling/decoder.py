@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -19,10 +19,56 @@ from edgecompress.budget import Figure
 from edgecompress.model import artifact_size_bytes
 from edgecompress.targets import Target
 
+if TYPE_CHECKING:
+    from edgecompress.profiling.ssh import DeviceOptions
+
+
+DECODER_TASK = "text-generation-with-past"  # = export.DECODER_TASKS[0]; profiling does not import export
+
 
 def is_decoder_workload(dims: dict[str, int]) -> bool:
     """tasks.DecoderTask.profile_dims marks its workload with these keys."""
     return "new_tokens" in dims and "kv_bytes_per_token" in dims
+
+
+def decoder_dims(target: Target, kv_bytes_per_token: int) -> dict[str, int]:
+    """The target's decoder workload, keyed as tasks.DecoderTask.profile_dims keys it (and so the runner and the
+    estimate read it): the prompt prefilled with an empty cache, then new_tokens decoded one at a time."""
+    wl = target.workload
+    prompt = min(wl.prompt_length, wl.context_length)
+    return {"batch_size": 1, "sequence_length": prompt, "past_sequence_length": 0,
+            "past_sequence_length + sequence_length": prompt, "prompt_length": prompt,
+            "new_tokens": wl.new_tokens, "context_length": wl.context_length,
+            "kv_bytes_per_token": kv_bytes_per_token}
+
+
+def bundle_decoder_dims(model: onnx.ModelProto, bundle: Path, manifest: dict[str, Any], target: Target
+                        ) -> dict[str, int] | None:
+    """A decoder bundle's workload on `target`, or None when the bundle is not a decoder's.
+
+    A decoder is what the build said (manifest source.task) or a graph fed its own KV cache (past_key_values.*
+    inputs). The KV bytes per token come from config.json's shape and the cache inputs' element type."""
+    import json
+
+    from edgecompress.errors import BundleError, ConfigError
+    from edgecompress.llm import decoder_shape
+
+    past = [i for i in model.graph.input if i.name.startswith("past_key_values")]
+    if (manifest.get("source") or {}).get("task") != DECODER_TASK and not past:
+        return None
+    try:
+        config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BundleError(f"decoder bundle {bundle}: no readable config.json ({e})",
+                          hint="a decoder bundle carries the model's config.json; rebuild it") from None
+    shape = decoder_shape(config)  # a ModelError (usage) if it lacks the layer/head sizes
+    kv_bytes = 2 if past and past[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else 4
+    wl = target.workload
+    if shape.max_positions and wl.context_length > shape.max_positions:
+        raise ConfigError(f"target {target.name}: context_length {wl.context_length} exceeds the model's maximum "
+                          f"of {shape.max_positions} positions",
+                          hint="lower [workload] context_length in the target file")
+    return decoder_dims(target, shape.kv_bytes_per_token(kv_bytes))
 
 
 def weight_elements(model: onnx.ModelProto) -> int:
@@ -38,13 +84,19 @@ def weight_elements(model: onnx.ModelProto) -> int:
 
 def estimate_decoder(model: onnx.ModelProto, weight_bytes: float, target: Target, dims: dict[str, int]
                      ) -> dict[str, Any]:
+    return estimate_decoder_from(weight_bytes, weight_elements(model), target, dims)
+
+
+def estimate_decoder_from(weight_bytes: float, params: float, target: Target, dims: dict[str, int]
+                          ) -> dict[str, Any]:
+    """The estimate from the weights' bytes and parameter count alone (also --recipe auto's prediction)."""
     hw, eff = target.hardware, target.estimate
     kv_token = dims["kv_bytes_per_token"]
     # mean context while generating: the prompt plus half the new tokens
     mean_ctx = dims["prompt_length"] + dims["new_tokens"] / 2
     bytes_per_token = weight_bytes + kv_token * mean_ctx
     tok_s = eff.bandwidth_efficiency * hw.bandwidth_gbs * 1e9 / bytes_per_token
-    flops = 2.0 * weight_elements(model) * dims["prompt_length"]
+    flops = 2.0 * params * dims["prompt_length"]
     prefill_ms = flops / (hw.peak_gflops_fp32 * 1e9 * eff.compute_efficiency) * 1e3
     kv_ctx = kv_token * dims["context_length"]
     ram_mb = eff.runtime_baseline_mb + (weight_bytes + kv_ctx) / 1e6
@@ -54,20 +106,29 @@ def estimate_decoder(model: onnx.ModelProto, weight_bytes: float, target: Target
             "peak_ram_mb": ram_mb, "bytes_per_token": bytes_per_token}
 
 
-def measure_decoder(model_path: Path, threads: int, dims: dict[str, int], vocab_size: int | None,
-                    cores: int | None = None, repeats: int = 3) -> dict[str, Any]:
-    from edgecompress.profiling.local import run_runner
-
-    spec = {"mode": "decoder", "model": str(model_path), "threads": threads,
+def _spec(model_path: Path, threads: int, dims: dict[str, int], vocab_size: int | None, repeats: int
+          ) -> dict[str, Any]:
+    return {"mode": "decoder", "model": str(model_path), "threads": threads,
             "prompt_length": dims["prompt_length"], "new_tokens": dims["new_tokens"],
             "vocab_size": int(vocab_size or 2), "repeats": repeats, "seed": 0}
-    result, limits = run_runner(spec, cores=cores)
+
+
+def measure_decoder(model_path: Path, threads: int, dims: dict[str, int], vocab_size: int | None,
+                    cores: int | None = None, repeats: int = 3, memory_mb: float | None = None) -> dict[str, Any]:
+    """Generate in a fresh process on this host (pinned to `cores`, capped at `memory_mb` where it can be)."""
+    from edgecompress.profiling.local import run_runner
+
+    result, limits = run_runner(_spec(model_path, threads, dims, vocab_size, repeats), cores=cores,
+                                memory_mb=memory_mb)
     return {**result, "limits": limits}
 
 
 def profile_decoder(model: onnx.ModelProto, model_path: Path, target: Target, dims: dict[str, int], *,
                     vocab_size: int | None, threads: int | None, cores: int | None, measure: bool,
+                    memory_cap_mb: float | None = None, device: DeviceOptions | None = None,
                     ) -> tuple[dict[str, Any], dict[str, Figure]]:
+    """measure: generate on this host; device: generate on a lab device over ssh (wins over measure); neither:
+    the estimate alone. The estimate is always in the profile, next to any measurement."""
     size = artifact_size_bytes(model_path)
     kv_ctx = dims["kv_bytes_per_token"] * dims["context_length"]
     profile: dict[str, Any] = {"workload": dict(dims), "kind": "decoder",
@@ -77,31 +138,59 @@ def profile_decoder(model: onnx.ModelProto, model_path: Path, target: Target, di
     figures = {"size": Figure(size / 1e6, "MB", "measured", "model file plus external data")}
     est = estimate_decoder(model, float(size), target, dims)
     profile["estimate"] = {**est, "latency_ms": est["decode_step_ms"]}
-    if not measure:
+    if not measure and device is None:
         figures["decode_tok_s"] = Figure(est["decode_tok_s"], "tok/s", "estimated", "bandwidth-bound decode")
         figures["ttft"] = Figure(est["ttft_ms"], "ms", "estimated", "compute-bound prefill")
         figures["latency_p90"] = Figure(est["decode_step_ms"], "ms", "estimated", "one decode step")
         figures["peak_ram"] = Figure(est["peak_ram_mb"], "MB", "estimated",
                                      f"baseline + weights + KV cache at {dims['context_length']} tokens")
         return profile, figures
-    source = "measured" if target.host else "measured-on-host"
     n = threads or target.runtime.threads
-    runs = {1: measure_decoder(model_path, 1, dims, vocab_size, cores)}
-    if n != 1:
-        runs[n] = measure_decoder(model_path, n, dims, vocab_size, cores)
+    section, source, where, extra = "host", ("measured" if target.host else "measured-on-host"), "", {}
+    if device is not None:
+        from edgecompress.profiling.ssh import profile_on_device
+
+        section, source = "device", "measured"
+
+        def run(t: int) -> dict[str, Any]:
+            r = profile_on_device(model_path, _spec(model_path, t, dims, vocab_size, 3), device)
+            extra.update({"device": r.device, "url": str(device.url), "remote_python": r.remote_python,
+                          "remote_dir_removed": r.removed, "warnings": r.warnings})
+            return r.result
+
+        where = f" on {device.url.name}"
+    else:
+        def run(t: int) -> dict[str, Any]:
+            return measure_decoder(model_path, t, dims, vocab_size, cores, memory_mb=memory_cap_mb)
+
+    from edgecompress.profiling.local import OutOfMemory
+
+    try:
+        runs = {1: run(1)}
+        if n != 1:
+            runs[n] = run(n)
+    except OutOfMemory as e:
+        note = f"out of memory: killed at the {e.cap_mb:.0f} MB cap (the target's usable RAM)"
+        profile[section] = {"source": source, "out_of_memory": True, "memory_cap_mb": e.cap_mb, "note": note,
+                            "machine": platform.machine()}
+        figures["peak_ram"] = Figure(e.cap_mb, "MB", source, note, failed=True)
+        return profile, figures
     main = runs[n]
     # the runner's cache only grew to prompt + new tokens; the budget is for the target's whole context
     kv_seen = dims["kv_bytes_per_token"] * (dims["prompt_length"] + dims["new_tokens"])
     peak = main["peak_rss_mb"] + max(0, kv_ctx - kv_seen) / 1e6
-    profile["host"] = {"source": source, "machine": platform.machine(), "onnxruntime": main.get("onnxruntime"),
-                       "load_ms": main["load_ms"], "baseline_rss_mb": main["baseline_rss_mb"],
-                       "peak_rss_mb": main["peak_rss_mb"], "peak_ram_with_kv_at_context_mb": peak,
-                       "by_threads": {str(t): {k: r[k] for k in ("decode_tok_s", "ttft_ms", "prefill_ms",
-                                                                 "decode_step_ms", "peak_rss_mb")}
-                                      for t, r in runs.items()}}
-    figures["decode_tok_s"] = Figure(main["decode_tok_s"], "tok/s", source, f"{n} threads, median of repeats")
-    figures["ttft"] = Figure(main["ttft_ms"], "ms", source, f"prefill of {dims['prompt_length']} tokens")
-    figures["latency_p90"] = Figure(main["decode_step_ms"]["p90"], "ms", source, "p90 of one decode step")
-    figures["peak_ram"] = Figure(peak, "MB", source, f"VmHWM + KV cache grown to {dims['context_length']} tokens")
-    figures["load_time"] = Figure(main["load_ms"], "ms", source, "session creation")
+    profile[section] = {"source": source, "machine": main.get("machine", platform.machine()),
+                        "onnxruntime": main.get("onnxruntime"), "threads": n, "limits": main.get("limits", {}),
+                        "load_ms": main["load_ms"], "baseline_rss_mb": main["baseline_rss_mb"],
+                        "peak_rss_mb": main["peak_rss_mb"], "peak_ram_with_kv_at_context_mb": peak,
+                        "by_threads": {str(t): {k: r[k] for k in ("decode_tok_s", "ttft_ms", "prefill_ms",
+                                                                  "decode_step_ms", "peak_rss_mb")}
+                                       for t, r in runs.items()}, **extra}
+    figures["decode_tok_s"] = Figure(main["decode_tok_s"], "tok/s", source,
+                                     f"{n} threads{where}, median of repeats")
+    figures["ttft"] = Figure(main["ttft_ms"], "ms", source, f"prefill of {dims['prompt_length']} tokens{where}")
+    figures["latency_p90"] = Figure(main["decode_step_ms"]["p90"], "ms", source, f"p90 of one decode step{where}")
+    figures["peak_ram"] = Figure(peak, "MB", source,
+                                 f"VmHWM + KV cache grown to {dims['context_length']} tokens{where}")
+    figures["load_time"] = Figure(main["load_ms"], "ms", source, f"session creation{where}")
     return profile, figures

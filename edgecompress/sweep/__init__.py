@@ -65,6 +65,9 @@ class JobResult:
             "peak_ram_source": budgets.get("peak_ram", {}).get("source"),
             "latency_p90_ms": budgets.get("latency_p90", {}).get("value"),
             "latency_source": budgets.get("latency_p90", {}).get("source"),
+            # decoders: generation speed and time to first token (empty for encoders)
+            "decode_tok_s": budgets.get("decode_tok_s", {}).get("value"),
+            "ttft_ms": budgets.get("ttft", {}).get("value"),
             "fidelity_metric": next(iter(fid), None), "fidelity": next(iter(fid.values()), None),
             "failed_budgets": "; ".join(s.get("failed", [])), "seconds": round(self.seconds, 2),
             "error": self.error,

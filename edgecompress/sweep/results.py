@@ -28,10 +28,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def plot_pareto(path: Path, target: str, rows: list[dict[str, Any]]) -> bool:
-    points = [ParetoPoint(f"{r['model']}/{r['chosen_recipe'] or r['recipe']}", r["size_mb"], r["fidelity"],
+    """rows share one fidelity metric; a lower-is-better one (a decoder's perplexity ratio) is flipped so the
+    front's "larger is better" holds (report.pareto_axis)."""
+    from edgecompress.report import pareto_axis
+
+    ylabel, y = pareto_axis((rows[0]["fidelity_metric"] or "fidelity") if rows else "fidelity")
+    points = [ParetoPoint(f"{r['model']}/{r['chosen_recipe'] or r['recipe']}", r["size_mb"], y(r["fidelity"]),
                           bool(r["passed"])) for r in rows]
-    png = pareto_png(points, f"{target}: size vs fidelity (green: within budgets)",
-                     (rows[0]["fidelity_metric"] or "fidelity") if rows else "fidelity")
+    png = pareto_png(points, f"{target}: size vs fidelity (green: within budgets)", ylabel)
     if png is None:
         return False
     _atomic_write(path, png)
@@ -63,10 +67,13 @@ def write_results(out: Path, results: list[JobResult]) -> list[str]:
                      f"{r['error'] or r['failed_budgets']} |")
     for target in sorted({r["target"] for r in rows}):
         ok = [r for r in rows if r["target"] == target and r["size_mb"] is not None and r["fidelity"] is not None]
-        name = f"pareto-{target}.png"
-        if plot_pareto(out / name, target, ok):
-            files.append(name)
-            lines += ["", f"![{target}]({name})"]
+        # one plot per fidelity metric: an encoder's cosine and a decoder's perplexity ratio share no axis
+        metrics = sorted({r["fidelity_metric"] for r in ok}, key=str)
+        for metric in metrics or [None]:
+            name = f"pareto-{target}.png" if len(metrics) <= 1 else f"pareto-{target}-{metric}.png"
+            if plot_pareto(out / name, target, [r for r in ok if r["fidelity_metric"] == metric]):
+                files.append(name)
+                lines += ["", f"![{target}]({name})"]
     _atomic_write(out / "summary.md", ("\n".join(lines) + "\n").encode())
     files.append("summary.md")
     return files
