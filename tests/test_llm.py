@@ -275,6 +275,36 @@ def test_tiny_llama_builds_int4_end_to_end(tiny_llama: Path, tmp_path: Path) -> 
     assert json.loads((bundle / "manifest.json").read_text())["fidelity"]["metrics"] == fid
 
 
+def test_tiny_llama_builds_codebook_with_pruned_mlps(tiny_llama: Path, tmp_path: Path) -> None:
+    """Codebooks and gate/up/down pruning on a decoder: decoder calibration feeds (ids, mask, positions, empty
+    KV cache) drive both, the pruned down_proj keeps K on the 32 block, every MatMul runs 8-bit MatMulNBits."""
+    from edgecompress.passes.decoder import INT8_DOT_ISA
+    from edgecompress.pipeline import BuildOptions, build
+    from edgecompress.recipes import RecipeOptions
+
+    if not load_target("host").hardware.isa & INT8_DOT_ISA:
+        pytest.skip("this host has no int8 dot product: decoder codebooks are refused on it")
+    target = _target_file(tmp_path, prompt_length=32, new_tokens=8, context_length=256)
+    m = build(BuildOptions(model=tiny_llama, target=target, recipe="codebook", out=tmp_path / "b", runs=3,
+                           eval=_short_eval(tmp_path), recipe_options=RecipeOptions(prune_ffn=0.25)))
+    prune, cb = (p["report"] for p in m.recipe["passes"])
+    assert [p["name"] for p in m.recipe["passes"]] == ["prune", "decoder-codebook"]
+    assert prune["neurons_removed"] == 2 * 32 and prune["calibration_tokens"] > 0  # 128 -> 96 a layer
+    # optimum already gives lm_head its own copy of embed.T: the embedding Gather shares lm_head's decoded rows
+    assert cb["lm_head"]["tied"] in ("transpose", "copy") and cb["lm_head"]["coded"] is True
+    assert cb["embedding"]["shared_with_lm_head"] is True
+    # q/o/gate/up/down (k/v are under the size floor) in 2 layers, and lm_head; calibration-weighted + GPTQ
+    assert cb["matmuls_kernel"] == 2 * 5 + 1 and cb["matmuls_float"] == 0 and cb["gptq"] is True
+    fid = m.fidelity["metrics"]
+    assert 0.5 < fid["perplexity_ratio"] < 2.0 and fid["next_token_top1"] > 0.5
+    assert m.kernels["integer_matmul_flops_share"] > 0.9 and m.kernels["integer_kernels"] == ["MatMulNBits"]
+    model = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    downs = [n for n in model.graph.node if n.op_type == "MatMulNBits"
+             and next(a.i for a in n.attribute if a.name == "K") == 96]
+    assert len(downs) == 2
+    assert m.artifact.size_bytes < 0.3 * 16e6  # fp32 is 16 MB (mostly the 30522 x 64 embedding)
+
+
 def test_tiny_llama_refusals_write_nothing(tiny_llama: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "out"
