@@ -84,11 +84,19 @@ def weight_elements(model: onnx.ModelProto) -> int:
 
 def estimate_decoder(model: onnx.ModelProto, weight_bytes: float, target: Target, dims: dict[str, int]
                      ) -> dict[str, Any]:
-    return estimate_decoder_from(weight_bytes, weight_elements(model), target, dims)
+    """weight_bytes: the file's; a graph whose weights ORT decodes at load (codebooks) is estimated at its decoded
+    size, and its memory at the load-time folding peak when that is higher (profiling/weights.py)."""
+    from edgecompress.profiling.weights import weight_memory
+
+    wm = weight_memory(model)
+    if not wm.folds:
+        return estimate_decoder_from(weight_bytes, weight_elements(model), target, dims)
+    return estimate_decoder_from(max(weight_bytes, wm.resident_bytes), weight_elements(model), target, dims,
+                                 load_peak_bytes=wm.load_peak_bytes)
 
 
-def estimate_decoder_from(weight_bytes: float, params: float, target: Target, dims: dict[str, int]
-                          ) -> dict[str, Any]:
+def estimate_decoder_from(weight_bytes: float, params: float, target: Target, dims: dict[str, int],
+                          load_peak_bytes: float | None = None) -> dict[str, Any]:
     """The estimate from the weights' bytes and parameter count alone (also --recipe auto's prediction)."""
     hw, eff = target.hardware, target.estimate
     kv_token = dims["kv_bytes_per_token"]
@@ -99,9 +107,13 @@ def estimate_decoder_from(weight_bytes: float, params: float, target: Target, di
     flops = 2.0 * params * dims["prompt_length"]
     prefill_ms = flops / (hw.peak_gflops_fp32 * 1e9 * eff.compute_efficiency) * 1e3
     kv_ctx = kv_token * dims["context_length"]
-    ram_mb = eff.runtime_baseline_mb + (weight_bytes + kv_ctx) / 1e6
+    # the KV cache grows after the session is loaded, so a load-time folding peak competes with it, not adds
+    ram_mb = eff.runtime_baseline_mb + max(weight_bytes + kv_ctx, load_peak_bytes or 0.0) / 1e6
     return {"source": "estimated", "method": "decode: bandwidth x efficiency / (weight + KV bytes per token); "
-                                              "prefill: 2 x params x prompt / (peak fp32 x efficiency)",
+                                              "prefill: 2 x params x prompt / (peak fp32 x efficiency)"
+                                              + ("; memory: the larger of weights + KV cache and the load-time "
+                                                 "folding peak" if load_peak_bytes else ""),
+            "load_peak_mb": (load_peak_bytes or 0.0) / 1e6 or None,
             "decode_tok_s": tok_s, "decode_step_ms": 1e3 / tok_s, "prefill_ms": prefill_ms, "ttft_ms": prefill_ms,
             "peak_ram_mb": ram_mb, "bytes_per_token": bytes_per_token}
 

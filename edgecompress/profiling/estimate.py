@@ -2,7 +2,8 @@
 
 latency = sum over nodes of max(FLOPs / (peak at the node's precision x compute efficiency),
                                 bytes / (bandwidth x bandwidth efficiency))
-memory  = runtime baseline + resident weights + the peak set of live activations (a liveness walk of the graph)
+memory  = runtime baseline + the larger of (resident weights + the peak set of live activations, a liveness walk of
+          the graph) and the load-time peak of graphs ORT constant-folds at load (codebooks; profiling/weights.py)
 
 The efficiency factors come from the target file: the share of the roofline real kernels reach. The result is
 then scaled by a per-profile factor (the model's dominant MatMul precision: fp32, int8, int4) calibrated once
@@ -93,16 +94,6 @@ def peak_activation_bytes(model: onnx.ModelProto, dims: dict[str, int]) -> float
     return peak
 
 
-def resident_weight_bytes(model: onnx.ModelProto) -> float:
-    total = 0.0
-    for init in model.graph.initializer:
-        n = 1
-        for d in init.dims:
-            n *= d
-        total += n * DTYPE_BYTES.get(init.data_type, 4)
-    return total
-
-
 def profile_of(details: dict[str, Any]) -> str:
     """The precision profile of a model: the precision of most of its MatMul FLOPs."""
     by = details.get("matmul_gflops_by_precision") or {}
@@ -124,9 +115,13 @@ def calibration_for(target: Target, profile: str) -> tuple[float, str]:
 def estimate(model: onnx.ModelProto, target: Target, dims: dict[str, int]) -> Estimate:
     costs = node_costs(model, dims)
     roofline, split = roofline_ms(costs, target)
-    weights = resident_weight_bytes(model)
+    from edgecompress.profiling.weights import weight_memory
+
+    wm = weight_memory(model)  # after ORT's load-time folding (codebook decode), not the file's bytes
+    weights = wm.resident_bytes
     activations = peak_activation_bytes(model, dims)
-    ram_mb = target.estimate.runtime_baseline_mb + (weights + activations) / 2**20
+    # a graph folded at load holds its intermediates then, before any activation exists
+    ram_mb = target.estimate.runtime_baseline_mb + max(weights + activations, wm.load_peak_bytes) / 2**20
     by_precision: dict[str, float] = {}
     by_op: dict[str, float] = {}  # the per-op-type breakdown report.html plots when nothing was measured
     for c in costs:
@@ -152,6 +147,7 @@ def estimate(model: onnx.ModelProto, target: Target, dims: dict[str, int]) -> Es
             "bandwidth_efficiency": target.estimate.bandwidth_efficiency,
             "threads": target.runtime.threads,
             "weights_mb": weights / 2**20,
+            "load_peak_mb": wm.load_peak_bytes / 2**20 if wm.folds else None,
             "peak_activations_mb": activations / 2**20,
             "runtime_baseline_mb": target.estimate.runtime_baseline_mb,
             "nodes": len(costs),
