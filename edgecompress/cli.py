@@ -75,6 +75,11 @@ _RECIPE_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("--codebook-bits", int, "codebook: bits per weight index, 2..8 [default: 4]."),
     ("--codebook-granularity", click.Choice(["tensor", "channel"]),
      "codebook: one codebook per tensor or per output channel [default: channel]."),
+    ("--codebook-base", click.Choice(["per-token", "dynamic"]),
+     "codebook: the int8 graph under it, per-token activation scales or ORT dynamic int8 [default: per-token]."),
+    ("--codebook-keep-float", click.IntRange(min=0),
+     "codebook: the N MatMuls most sensitive to activation quantization keep float activations (slower) "
+     "[default: 0]."),
     ("--prune-ffn", float, "Remove this share of every FFN's intermediate neurons, in [0, 1) [default: 0]."),
     ("--prune-heads", float, "Remove this share of attention heads, in [0, 1) [default: 0]."),
     ("--prune-schedule", click.Choice(["uniform", "adaptive"]),
@@ -373,7 +378,8 @@ def cache_clear() -> None:
 
 @main.command()
 @click.option("--models", default="minilm", show_default=True,
-              help="Comma-separated MODEL paths (HF dirs or .onnx files) or bundled names (minilm).")
+              help="Comma-separated MODEL paths (HF dirs, .gguf or .onnx files) or bundled names (minilm, "
+                   "smollm2).")
 @click.option("--targets", "targets_", default="all", show_default=True, help="Comma-separated target names, or all.")
 @click.option("--recipes", default="int8-dynamic", show_default=True,
               help="Comma-separated recipe names, or auto (search per target).")
@@ -588,7 +594,15 @@ def profile_cmd(bundle_dir: Path, target: str, device: str | None, runs: int, em
     def body() -> int:
         emulated = None
         if emulate_arm:  # first: a missing emulator is a one-line error before any profiling
+            from edgecompress.errors import ConfigError
+            from edgecompress.profiling import read_bundle
+            from edgecompress.profiling.decoder import DECODER_TASK
             from edgecompress.profiling.emulate import emulate_bundle
+
+            if (read_bundle(Path(bundle_dir))[0].get("source") or {}).get("task") == DECODER_TASK:
+                raise ConfigError("--emulate does not run decoder (causal LM) bundles yet",
+                                  hint="profile it estimated (no flag), here with --emulate-cores N, or on the "
+                                       "device with --device ssh://...")
 
             emulated = emulate_bundle(bundle_dir, target)
         dev = None
@@ -630,6 +644,14 @@ def _print_profile(result: Any, updated: bool) -> None:
         console.print(f"[yellow]warning:[/] {w}")
     if measured and measured.get("out_of_memory"):
         console.print(f"[red]{measured['note']}[/]")
+    elif measured and "by_threads" in measured:  # a decoder: generation at 1 and the target's threads
+        for t, r in measured["by_threads"].items():
+            console.print(f"{where}, {t} thread{'s' if t != '1' else ''}: decode {r['decode_tok_s']:.1f} tok/s "
+                          f"(step p90 {r['decode_step_ms']['p90']:.2f} ms), time to first token "
+                          f"{r['ttft_ms']:.0f} ms, peak RSS {r['peak_rss_mb']:.1f} MB")
+        console.print(f"load {measured['load_ms']:.0f} ms; peak RAM with the KV cache at the target's context "
+                      f"{measured['peak_ram_with_kv_at_context_mb']:.1f} MB (empty process "
+                      f"{measured['baseline_rss_mb']:.1f} MB)")
     elif measured:
         lat = measured["latency_ms"]
         console.print(f"{where}: latency p50 {lat['p50']:.2f} / p90 {lat['p90']:.2f} / p99 {lat['p99']:.2f} ms, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edgecompress.errors import ConfigError
 from edgecompress.passes.base import Pass
@@ -26,6 +26,7 @@ from edgecompress.passes.quantize_int8 import (
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INT4_METHODS = ("rtn", "hqq", "gptq")
 CODEBOOK_GRANULARITIES = ("tensor", "channel")
+CODEBOOK_BASES = ("per-token", "dynamic")
 PRUNE_SCHEDULES = ("uniform", "adaptive")
 PRUNE_RECOVERIES = ("none", "bias", "refit")
 DECODER_TASK = "text-generation-with-past"  # = export.DECODER_TASKS[0]; recipes do not import export
@@ -45,6 +46,11 @@ class RecipeOptions:
     # weight-sharing codebooks (passes/codebook.py)
     codebook_bits: int = 4
     codebook_granularity: str = "channel"
+    # MatMuls most sensitive to run-time activation quantization that keep float activations under the codebooks
+    # (0: dynamic int8 everywhere, int8 speed)
+    codebook_keep_float: int = 0
+    # the int8 graph under the codebooks: per-token activation scales (default) or ORT dynamic int8 (per tensor)
+    codebook_base: str = "per-token"
     # structured pruning (passes/prune.py): ratios in [0, 1); 0 = off
     prune_ffn: float = 0.0
     prune_heads: float = 0.0
@@ -61,6 +67,7 @@ class RecipeOptions:
         one_of("calibration_method", self.calibration_method, CALIBRATION_METHODS)
         one_of("int4_method", self.int4_method, INT4_METHODS)
         one_of("codebook_granularity", self.codebook_granularity, CODEBOOK_GRANULARITIES)
+        one_of("codebook_base", self.codebook_base, CODEBOOK_BASES)
         one_of("prune_schedule", self.prune_schedule, PRUNE_SCHEDULES)
         one_of("prune_recovery", self.prune_recovery, PRUNE_RECOVERIES)
         if self.calibration_samples < 1:
@@ -70,6 +77,8 @@ class RecipeOptions:
                               hint="use 16, 32, 64 or 128")
         if not 2 <= self.codebook_bits <= 8:
             raise ConfigError(f"--codebook-bits must be between 2 and 8, got {self.codebook_bits}")
+        if self.codebook_keep_float < 0:
+            raise ConfigError(f"codebook_keep_float must be >= 0, got {self.codebook_keep_float}")
         for name in ("prune_ffn", "prune_heads"):
             r = getattr(self, name)
             if not 0.0 <= r < 1.0:
@@ -114,6 +123,17 @@ def _decoder_int4(o: RecipeOptions) -> list[Pass]:
     return [DecoderInt4(DecoderInt4Config(block_size=o.block_size))]
 
 
+def _decoder_codebook(o: RecipeOptions) -> list[Pass]:
+    """Decoders: codebooks decoded at load into MatMulNBits' 8-bit weights (never dynamic int8 activations)."""
+    if o.codebook_keep_float:
+        raise ConfigError("--codebook-keep-float applies to encoder codebooks only",
+                          hint="decoders keep float activations already: leave it out")
+    from edgecompress.passes.decoder import DecoderCodebook, DecoderCodebookConfig
+
+    return [DecoderCodebook(DecoderCodebookConfig(bits=o.codebook_bits, granularity=o.codebook_granularity,
+                                                  block_size=o.block_size))]
+
+
 RECIPES: dict[str, RecipeSpec] = {
     spec.name: spec
     for spec in (
@@ -138,8 +158,9 @@ RECIPES: dict[str, RecipeSpec] = {
         RecipeSpec(
             "int8-mixed",
             "INT8 with per-node sensitivity: activation outliers smoothed into the weights (SmoothQuant, alpha 0.7), "
-            "dynamic int8 everywhere except the MatMuls whose quantized activations cost the most fidelity, which "
-            "keep float activations (int8 weights) until the fidelity floor holds",
+            "dynamic int8 with one activation scale per token (standard ops, ORT MatMulInteger) and per-row "
+            "embedding tables; the MatMuls whose quantized activations cost the most fidelity keep float "
+            "activations (int8 weights) until the fidelity floor holds",
             lambda o: [MixedInt8(MixedInt8Config(calibration_method=o.calibration_method,
                                                  calibration_samples=o.calibration_samples))],
             quantizing=True,
@@ -161,11 +182,15 @@ RECIPES: dict[str, RecipeSpec] = {
         ),
         RecipeSpec(
             "codebook",
-            "weight-sharing codebooks: ORT dynamic int8 whose weights (word embedding included) are stored as "
+            "weight-sharing codebooks: int8 (per-token activation scales, --codebook-base) whose weights (word "
+            "embedding included) are stored as "
             "--codebook-bits indices into per-channel (--codebook-granularity) int8 codebooks and decoded to int8 "
             "at load; tensors sensitive on calibration data get more bits while the size budget allows",
             lambda o: [_codebook_pass(o)],
             quantizing=True,
+            tasks=("feature-extraction", "text-classification", "onnx", DECODER_TASK),
+            # decoders: decoded into MatMulNBits 8-bit weights, activations int8 per block (passes/decoder.py)
+            decoder=_decoder_codebook,
         ),
     )
 }
@@ -177,7 +202,7 @@ def _codebook_pass(options: RecipeOptions) -> Pass:
     return Codebook.from_options(options)
 
 
-def structural_passes(options: RecipeOptions) -> list[Pass]:
+def structural_passes(options: RecipeOptions, task: str | None = None) -> list[Pass]:
     """Passes that change the graph's shape, run before any recipe's own passes: prune, then low-rank.
 
     They compose with every recipe (e.g. `--recipe int8-dynamic --prune-ffn 0.3`).
@@ -187,7 +212,10 @@ def structural_passes(options: RecipeOptions) -> list[Pass]:
         if options.prune_ffn > 0 or options.prune_heads > 0:
             from edgecompress.passes.prune import StructuredPrune
 
-            passes.append(StructuredPrune.from_options(options))
+            prune = StructuredPrune.from_options(options)
+            if task == DECODER_TASK:  # a pruned down_proj keeps K a multiple of the decoder kernels' block
+                prune = StructuredPrune(replace(prune.config, keep_multiple=options.block_size))
+            passes.append(prune)
         if options.low_rank_energy is not None:
             from edgecompress.passes.lowrank import LowRank
 
@@ -203,7 +231,6 @@ DECODER_REFUSALS = {
     "int8-static": "static int8 activations are not calibrated for KV-cache decoders here",
     "int8-mixed": "built on dynamic int8, which breaks decoders (perplexity in the millions on SmolLM2)",
     "fp16": "the float16 converter is not validated on KV-cache decoders yet",
-    "codebook": "built on dynamic int8, which breaks decoders (perplexity in the millions on SmolLM2)",
 }
 
 
@@ -228,4 +255,5 @@ def make_recipe(name: str, options: RecipeOptions | None = None, task: str | Non
     options = options or RecipeOptions()
     make = spec.decoder if task == DECODER_TASK and spec.decoder is not None else spec.make
     return Recipe(name=spec.name, description=spec.description,
-                  passes=(*structural_passes(options), *make(options)), quantizing=spec.quantizing)
+                  passes=(*structural_passes(options, task), *make(options)),
+                  quantizing=spec.quantizing)

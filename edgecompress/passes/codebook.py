@@ -23,6 +23,10 @@ Mixed bits: `bits` is the floor for every tensor. When the size budget (the conf
 room, the tensors whose output error (||X W - X W_b|| / ||X W|| on calibration activations) falls most per byte
 get more bits (up to bits + 2), greedily, until the next upgrade would break the budget. A budget that even the
 floor cannot meet is a ConfigError.
+
+Float activations (`keep_float`): the MatMuls whose run-time activation quantization costs the most keep float
+activations; their decoded int8 weight feeds a DequantizeLinear (not folded by ORT), so they stay b bits on disk
+and int8 in memory, and run at the float rate.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from edgecompress.passes.base import Pass, PassContext, PassResult
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("tensor", "channel")
+BASES = ("dynamic", "per-token")
 MIN_OPSET = 18  # BitwiseAnd / BitwiseOr
 _NBINS = 255  # int8 grid -127..127 (symmetric, as ORT's per-channel weights)
 # Bytes a decoded tensor adds beyond its indices and codebook (node protos, small initializers): ~0.6-1.5 KB.
@@ -68,6 +73,26 @@ class CodebookConfig:
     iterations: int = 25
     # error feedback (GPTQ) when choosing indices: +0.012 mean cosine at 4 bits on MiniLM, ~1 s per tensor
     gptq: bool = True
+    # The integer graph under the codebooks is ORT dynamic int8, except the `keep_float` MatMuls most sensitive
+    # to run-time activation quantization (ranked on calibration data), which keep float activations: their
+    # weights are still b bits on disk and int8 in memory, but each runs at the float rate. On MiniLM, 6 of 36
+    # lift the int8 graph from cosine 0.9927 to 0.9966 and the mixed-bit codebook at 13.5 MB from 0.9855 to
+    # 0.9900 (15 MB: 0.9884 -> 0.9926), at ~1.4x int8-dynamic's b8 latency on the dev host.
+    # Not built on int8-mixed's smoothing: that lifts int8 (0.9927 -> 0.9946) but makes the output ~4x more
+    # sensitive to a coded embedding (4 bits: -0.009 vs -0.0024), a net loss under a size budget.
+    keep_float: int = 0
+    # Mixed bits: weigh each tensor's error by its measured effect on the model output (the float model with that
+    # tensor alone coded at the floor, on this many calibration batches; 0: per-tensor errors as they are). Per
+    # unit of relative error, MiniLM's FFN weights move the output 3-10x more than attention's, so the plain
+    # per-tensor error spends the budget on the wrong tensors (13.5 MB: cosine 0.9825 -> 0.9855).
+    measure_batches: int = 2
+    # calibration batches that rank the MatMuls for keep_float
+    sensitivity_batches: int = 4
+    # The int8 graph under the codebooks: "dynamic" is ORT's dynamic int8 (one activation scale per tensor);
+    # "per-token" quantizes each token's activations with its own scale (passes/quantize_int8.per_token_int8,
+    # standard MatMulInteger), which removes most of the run-time activation error (MiniLM: the int8 graph
+    # 0.9927 -> 0.9971) at ~1.0-1.05x the speed, so the budget goes to the weights.
+    base: str = "dynamic"
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -75,6 +100,10 @@ class CodebookConfig:
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"unknown --codebook-granularity '{self.granularity}'",
                               hint=f"use {'|'.join(GRANULARITIES)}")
+        if self.base not in BASES:
+            raise ConfigError(f"unknown codebook base '{self.base}'", hint=f"use {'|'.join(BASES)}")
+        if self.keep_float < 0:
+            raise ConfigError(f"codebook keep_float must be >= 0, got {self.keep_float}")
         if self.max_bits is not None and not self.bits <= self.max_bits <= 8:
             raise ConfigError(f"codebook max_bits must be in [{self.bits}, 8], got {self.max_bits}")
 
@@ -301,6 +330,7 @@ class _Site:
     scale_name: str
     zp_name: str
     float_weight: np.ndarray  # (rows, channels): MatMul (K, N); Gather table (V, H)
+    float_name: str = ""  # its initializer in the float model
     activation: str | None = None  # fp32 graph value feeding the MatMul (for calibration stats)
     dequant_node: str | None = None  # Gather: the DequantizeLinear to make per-axis
     row_weights: np.ndarray | None = None
@@ -317,7 +347,7 @@ def _find_sites(fp32: onnx.ModelProto, q: onnx.ModelProto, cfg: CodebookConfig,
     sites: list[_Site] = []
     for node in qidx.nodes("MatMulInteger"):
         wq = node.input[1]
-        base = wq.removesuffix("_quantized")
+        base = wq.removesuffix("_quantized").removesuffix("__pt_w8")  # ORT dynamic | per_token_int8
         if not qidx.is_initializer(wq) or base not in act_of or not fidx.is_initializer(base):
             skipped.append({"tensor": wq, "reason": "weight is not an initializer of a float MatMul"})
             continue
@@ -325,14 +355,37 @@ def _find_sites(fp32: onnx.ModelProto, q: onnx.ModelProto, cfg: CodebookConfig,
         if w.ndim != 2 or w.size < cfg.min_elements:
             skipped.append({"tensor": base, "reason": f"{w.size} elements (< {cfg.min_elements}) or not 2-D"})
             continue
-        scale, zp = f"{base}_scale", node.input[3] if len(node.input) > 3 else ""
+        scale = f"{wq}_scale" if wq.endswith("__pt_w8") else f"{base}_scale"
+        zp = node.input[3] if len(node.input) > 3 else ""
         if not qidx.is_initializer(scale) or len(qidx.consumers[scale]) != 1:
             skipped.append({"tensor": base, "reason": "its scale is not a private initializer"})
             continue
         if zp and np.any(qidx.array(zp) != 0):
             skipped.append({"tensor": base, "reason": "asymmetric weight (non-zero zero point)"})
             continue
-        sites.append(_Site("matmul", wq, scale, zp, w, activation=act_of[base]))
+        sites.append(_Site("matmul", wq, scale, zp, w, base, activation=act_of[base]))
+    # MatMuls that keep float activations (keep_float, or int8-mixed's kept nodes): int8 weight -> DequantizeLinear
+    # (per output channel) -> MatMul. The decoded int8 feeds the DequantizeLinear, which ORT does not fold, so the
+    # weight stays int8 in memory and b bits on disk. The float weight is found by the MatMul's node name.
+    float_matmul = {n.name: n for n in fidx.nodes("MatMul") if n.name and fidx.is_initializer(n.input[1])}
+    for node in qidx.nodes("DequantizeLinear"):
+        wq, scale = node.input[0], node.input[1]
+        users = qidx.consumers[node.output[0]]
+        if (not qidx.is_initializer(wq) or not qidx.is_initializer(scale) or len(users) != 1
+                or users[0].op_type != "MatMul" or users[0].input[1] != node.output[0]
+                or users[0].name not in float_matmul or qidx.array(wq).dtype != np.int8):
+            continue
+        fnode = float_matmul[users[0].name]
+        w = fidx.array(fnode.input[1]).astype(np.float32)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        zp = node.input[2] if len(node.input) > 2 else ""
+        if (w.ndim != 2 or w.size < cfg.min_elements or qidx.array(wq).shape != w.shape or axis not in (1, -1)
+                or qidx.array(scale).shape != (w.shape[1],) or len(qidx.consumers[wq]) != 1
+                or len(qidx.consumers[scale]) != 1 or (zp and np.any(qidx.array(zp) != 0))):
+            skipped.append({"tensor": fnode.input[1], "reason": "float-activation weight is not a private, "
+                                                                "symmetric, per-column int8 initializer"})
+            continue
+        sites.append(_Site("matmul", wq, scale, zp, w, fnode.input[1], activation=fnode.input[0]))
     for node in qidx.nodes("Gather"):
         table = node.input[0]
         base = table.removesuffix("_quantized")
@@ -348,7 +401,7 @@ def _find_sites(fp32: onnx.ModelProto, q: onnx.ModelProto, cfg: CodebookConfig,
             skipped.append({"tensor": base, "reason": "Gather output is not dequantized by one DequantizeLinear"})
             continue
         sites.append(_Site("gather", table, deq[0].input[1], deq[0].input[2] if len(deq[0].input) > 2 else "",
-                           w, dequant_node=deq[0].name))
+                           w, base, dequant_node=deq[0].name))
     return sites
 
 
@@ -488,7 +541,9 @@ class Codebook(Pass):
 
     @classmethod
     def from_options(cls, options: Any) -> Codebook:
-        return cls(CodebookConfig(bits=options.codebook_bits, granularity=options.codebook_granularity))
+        return cls(CodebookConfig(bits=options.codebook_bits, granularity=options.codebook_granularity,
+                                  keep_float=getattr(options, "codebook_keep_float", 0),
+                                  base=getattr(options, "codebook_base", "dynamic")))
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         cfg: CodebookConfig = self.config
@@ -497,12 +552,27 @@ class Codebook(Pass):
         if opset < MIN_OPSET:
             raise PassError(f"the codebook decode needs ONNX opset >= {MIN_OPSET} (BitwiseAnd); the model has {opset}",
                             hint="export with opset 18 or later, or use --recipe int8-dynamic")
-        q = ort_quant.quantize_dynamic(model, op_types=("MatMul", "Gather"), per_channel=True)
+        base_report: dict[str, Any] | None = None
+        if cfg.keep_float > 0 and ctx.calibration is not None:
+            model, q, base_report = _mixed_base(model, ctx, cfg)
+        elif cfg.base == "per-token":
+            model, q = _per_token_base(model)
+        else:
+            q = ort_quant.quantize_dynamic(model, op_types=("MatMul", "Gather"), per_channel=True)
         skipped: list[dict[str, str]] = []
         sites = _find_sites(model, q, cfg, skipped)
-        report: dict[str, Any] = {"base": "onnxruntime.quantization.quantize_dynamic (per-channel int8)",
+        base_name = ("onnxruntime.quantization.quantize_dynamic (per-channel int8)" if base_report is None else
+                     f"ORT dynamic int8, the {cfg.keep_float} most sensitive MatMuls with float activations")
+        if base_report is None and cfg.base == "per-token":
+            base_name = ("per-token int8 activations (MatMulInteger, one scale per token), per-channel int8 "
+                         "weights; embedding: ORT dynamic int8")
+        report: dict[str, Any] = {"base": base_name,
                                   "bits_floor": cfg.bits, "granularity": cfg.granularity, "mixed": cfg.mixed,
                                   "skipped_tensors": skipped}
+        if base_report is not None:
+            report["float_activations"] = base_report
+        elif cfg.keep_float > 0:
+            report["base_note"] = "no calibration data to rank nodes by: dynamic int8 everywhere"
         if not sites:
             report["skipped"] = "no int8 MatMul weight or embedding table large enough to code"
             return PassResult(q, report, modified=False)
@@ -531,17 +601,26 @@ class Codebook(Pass):
                 s.errors[b] = _rel_error(s, s.coded[b])
         costs = [{b: _site_bytes(s, b, per_channel) for b in widths} for s in sites]
         bits = [cfg.bits] * len(sites)
+        effects: list[float] | None = None
         if len(widths) > 1 and budget < float("inf"):
             # exact bytes of everything but the coded tensors, measured on the floor model
             fixed = _rewrite(q, sites, bits).ByteSize() - sum(c[cfg.bits] for c in costs)
-            bits = allocate_bits(costs, [s.errors for s in sites], cfg.bits, budget - fixed - _SLACK_BYTES)
+            errors = [s.errors for s in sites]
+            if cfg.measure_batches > 0 and ctx.calibration is not None:
+                effects = _output_effects(model, sites, cfg, ctx)
+                errors = [{b: e * w for b, e in s.errors.items()} for s, w in zip(sites, effects, strict=True)]
+                report["allocation"] = (f"per-tensor error x its output effect (measured alone at {cfg.bits} bits "
+                                        f"in float on {cfg.measure_batches} calibration batches)")
+            bits = allocate_bits(costs, errors, cfg.bits, budget - fixed - _SLACK_BYTES)
         out = _rewrite(q, sites, bits)
         tensors = []
-        for s, b in zip(sites, bits, strict=True):
+        for i, (s, b) in enumerate(zip(sites, bits, strict=True)):
             err = s.errors[b]
-            tensors.append({"tensor": s.q_name.removesuffix("_quantized"), "kind": s.kind,
+            tensors.append({"tensor": s.float_name, "kind": s.kind,
                             "shape": list(s.float_weight.shape), "bits": b, "rel_error": round(err, 5),
                             "bytes": _site_bytes(s, b, per_channel)})
+            if effects is not None:
+                tensors[-1]["output_effect"] = round(effects[i], 4)
         hist: dict[str, int] = {}
         for b in bits:
             hist[str(b)] = hist.get(str(b), 0) + 1
@@ -567,6 +646,84 @@ class Codebook(Pass):
             raise PassError(f"the coded model is {size / 1e6:.2f} MB, over the {budget_mb:g} MB budget",
                             hint="raise --max-size-mb or lower --codebook-bits")
         return PassResult(out, report)
+
+
+def _per_token_base(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(the float model, with every node named; its int8 graph with per-token activation scales on every MatMul
+    with a constant 2-D weight, and ORT's dynamic int8 embedding Gather)."""
+    from edgecompress.passes.quantize_int8 import per_token_int8
+
+    if not all(n.name for n in model.graph.node):  # nodes are chosen by name
+        named = onnx.ModelProto()
+        named.CopyFrom(model)
+        ort_quant.name_nodes(named)
+        model = named
+    idx = GraphIndex(model)
+    matmuls = [n.name for n in idx.nodes("MatMul")
+               if idx.is_initializer(n.input[1]) and idx.array(n.input[1]).ndim == 2]
+    q = per_token_int8(model, matmuls)
+    return model, ort_quant.quantize_dynamic(q, op_types=("Gather",), per_channel=True)
+
+
+def _mixed_base(model: onnx.ModelProto, ctx: PassContext, cfg: CodebookConfig
+                ) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, Any]]:
+    """(the float model, with every node named; its int8 graph; a report): ORT dynamic int8, except the
+    `keep_float` MatMuls whose run-time activation quantization alone costs the most output cosine (ranked in one
+    float simulation, passes/sensitivity.py), which keep float activations and read an int8 weight."""
+    from itertools import islice
+
+    from edgecompress.passes.quantize_int8 import weight_only_int8
+    from edgecompress.passes.sensitivity import node_sensitivity, quantizable_nodes
+
+    assert ctx.calibration is not None
+    if not all(n.name for n in model.graph.node):  # nodes are chosen by name
+        named = onnx.ModelProto()
+        named.CopyFrom(model)
+        ort_quant.name_nodes(named)
+        model = named
+    matmuls = quantizable_nodes(model, gathers=False)
+    batches = list(islice(ctx.calibration(), cfg.sensitivity_batches))
+    ranked = node_sensitivity(model, ctx, matmuls, batches=batches) if matmuls and batches else []
+    keep = [name for name, _ in ranked[:cfg.keep_float]]
+    q = ort_quant.quantize_dynamic(model, op_types=("MatMul", "Gather"), per_channel=True, nodes_to_exclude=keep)
+    if keep:
+        q = weight_only_int8(q, keep)
+    report = {"kept_float_activations": [{"node": n, "sensitivity": round(sc, 6)} for n, sc in ranked[:len(keep)]],
+              "ranked_on": f"{len(batches)} calibration batches, dynamic int8 simulated per node"}
+    return model, q, report
+
+
+def _output_effects(model: onnx.ModelProto, sites: list[_Site], cfg: CodebookConfig, ctx: PassContext
+                    ) -> list[float]:
+    """Per site: sqrt(output loss) / relative error with that tensor alone coded at the floor, in the float model
+    (activations exact, so only the weight's coding counts); loss = 1 - mean output cosine on calibration batches.
+    Squared, the error times this factor estimates the loss the tensor adds at any width."""
+    from itertools import islice
+
+    from edgecompress.passes.sensitivity import output_cosines, run_first_output
+
+    assert ctx.calibration is not None
+    batches = list(islice(ctx.calibration(), cfg.measure_batches))
+    if not batches:
+        return [1.0] * len(sites)
+    reference = run_first_output(model, batches, optimize=False)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    inits = {i.name: i for i in work.graph.initializer}
+    out = []
+    for s in sites:
+        init = inits.get(s.float_name)
+        if init is None:
+            out.append(1.0)
+            continue
+        saved = TensorProto()
+        saved.CopyFrom(init)  # swapped in place and back: one copy of the model, not one per tensor
+        init.CopyFrom(numpy_helper.from_array(s.coded[cfg.bits].dequantized().astype(np.float32), s.float_name))
+        got = run_first_output(work, batches, optimize=False)
+        init.CopyFrom(saved)
+        loss = max(float(1.0 - output_cosines(reference, got, batches).mean()), 1e-12)
+        out.append(float(np.sqrt(loss)) / max(s.errors[cfg.bits], 1e-12))
+    return out
 
 
 def _rewrite(q: onnx.ModelProto, sites: list[_Site], bits: list[int]) -> onnx.ModelProto:

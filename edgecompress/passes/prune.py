@@ -64,6 +64,9 @@ class PruneConfig:
     token_weighting: bool = True  # weight tokens by 1/||x_t||^2, as the following LayerNorm does
     probe_batches: int = 8  # adaptive: calibration batches for the end-to-end sensitivity probes (0: off)
     reference_seq: int = 128  # FLOPs are reported per sequence of this many tokens (batch 1)
+    # kept features per block rounded to a multiple of this (decoders: the 4-bit kernels' block size, so that a
+    # pruned down_proj's K stays quantizable); 1 = any count
+    keep_multiple: int = 1
 
 
 # ---------------------------------------------------------------------------------------------------------- patterns
@@ -645,6 +648,17 @@ class Plan:
     loss: list[float]
 
 
+def _aligned_removal(b: Block, remove: int, multiple: int, nearest: bool) -> int:
+    """Units to remove so that the kept features are a multiple of `multiple` (nearest to `remove`, or at most
+    `remove`); at least one aligned group is kept. Unchanged when multiple is 1 or the block is not aligned."""
+    if multiple <= 1 or b.hidden % multiple:
+        return remove
+    step = multiple // np.gcd(multiple, b.unit_size)  # units per aligned group
+    kept = b.units - remove
+    groups = round(kept / step) if nearest else -(-kept // step)
+    return int(max(0, min(remove if not nearest else b.units, b.units - max(groups, 1) * step)))
+
+
 class StructuredPrune(Pass):
     name = "prune"
 
@@ -697,6 +711,8 @@ class StructuredPrune(Pass):
                 b = blocks[i]
                 cap = (round(ratio * b.units) if cfg.schedule == "uniform" else int(cfg.max_layer_ratio * b.units))
                 cap = min(cap, b.units - 1)
+                if cfg.schedule == "uniform":
+                    cap = _aligned_removal(b, cap, cfg.keep_multiple, nearest=True)
                 key = (b.key, cfg.recovery, cfg.ridge)
                 order, curve = cache.get(key, ([], np.zeros(1)))
                 if len(order) < cap:
@@ -719,6 +735,7 @@ class StructuredPrune(Pass):
                 got = allocate([curves[i][1] for i in ids], round(ratio * sum(blocks[i].units for i in ids)))
                 counts.update(zip(ids, got, strict=True))
         for i, k in counts.items():
+            k = _aligned_removal(blocks[i], k, cfg.keep_multiple, nearest=False)
             remove[i] = curves[i][0][:k]
             loss[i] = float(curves[i][1][k])
         return Plan(blocks, remove, loss)
