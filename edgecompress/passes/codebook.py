@@ -92,7 +92,7 @@ class CodebookConfig:
     # "per-token" quantizes each token's activations with its own scale (passes/quantize_int8.per_token_int8,
     # standard MatMulInteger), which removes most of the run-time activation error (MiniLM: the int8 graph
     # 0.9927 -> 0.9971) at ~1.0-1.05x the speed, so the budget goes to the weights.
-    base: str = "dynamic"
+    base: str = "per-token"
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -543,7 +543,7 @@ class Codebook(Pass):
     def from_options(cls, options: Any) -> Codebook:
         return cls(CodebookConfig(bits=options.codebook_bits, granularity=options.codebook_granularity,
                                   keep_float=getattr(options, "codebook_keep_float", 0),
-                                  base=getattr(options, "codebook_base", "dynamic")))
+                                  base=getattr(options, "codebook_base", "per-token")))
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         cfg: CodebookConfig = self.config
