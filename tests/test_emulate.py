@@ -100,7 +100,13 @@ def test_emulation_before_setup_names_the_setup_command(tmp_path: Path, monkeypa
     assert len(lines) == 1 and lines[0].startswith("error: the Arm emulator is not set up")
     assert "`edgecompress emulator setup`" in lines[0]
     assert not (tmp_path / "none").exists()  # nothing written
-    r = CliRunner().invoke(main, ["profile", str(tmp_path), "--target", "raspberry-pi-5", "--emulate"])
+    from conftest import matmul_model
+
+    import edgecompress
+
+    onnx.save(matmul_model(m=2, k=16, n=8), str(tmp_path / "mm.onnx"))  # profile wants a real bundle first
+    edgecompress.build(tmp_path / "mm.onnx", target="host", recipe="fp32", out=tmp_path / "b", runs=3)
+    r = CliRunner().invoke(main, ["profile", str(tmp_path / "b"), "--target", "raspberry-pi-5", "--emulate"])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "`edgecompress emulator setup`" in r.output
 
