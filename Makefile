@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # --index-url https://download.pytorch.org/whl/cpu (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast test-arm lint typecheck clean bench-sweep bench-quant bench-estimate bench-llm bench-compress bench-prune
+.PHONY: install demo test test-fast test-arm lint typecheck clean bench-sweep bench-quant bench-int8-latency bench-estimate bench-llm bench-compress bench-prune
 
 install: $(STAMP)
 
@@ -56,6 +56,9 @@ bench-prune: install
 
 bench-quant: install
 	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/quantization.py
+
+bench-int8-latency: install
+	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/int8_latency.py
 
 bench-llm: install
 	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/llm.py

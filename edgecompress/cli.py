@@ -223,16 +223,19 @@ def _print_verdict(manifest: Any) -> None:
 
 
 def _print_search(console: Any, search: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"recipe search: chose {search['chosen']} ({search['why']})")
+    # escape: candidate names carry their options in brackets (codebook[codebook-bits=4]), which rich would
+    # otherwise take for markup and drop
+    table = Table(title=escape(f"recipe search: chose {search['chosen']} ({search['why']})"))
     for col in ("candidate", "status", search["metric"], "MB", "why"):
         table.add_column(col)
     for c in search["candidates"]:
         fid = c.get("fidelity", {}).get(search["metric"])
-        table.add_row(c["candidate"] + (" ✔" if c.get("chosen") else ""), c["status"],
+        table.add_row(escape(c["candidate"] + (" ✔" if c.get("chosen") else "")), c["status"],
                       "" if fid is None else f"{fid:.4f}", "" if c.get("size_mb") is None else f"{c['size_mb']:.2f}",
-                      c.get("why") or c.get("reason", ""))
+                      escape(str(c.get("why") or c.get("reason", ""))))
     console.print(table)
 
 

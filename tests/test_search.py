@@ -87,6 +87,8 @@ def test_auto_picks_the_best_fidelity_that_fits(tiny: Path, tmp_path: Path) -> N
     assert round(fits[search["chosen"]], 4) == round(max(fits.values()), 4)
     fp32 = next(c for c in search["candidates"] if c["candidate"] == "fp32")
     assert fp32["status"] == "rejected before building" and "predicted size" in fp32["reason"]
+    # the printed table names candidates with their options (rich would read "[...]" as markup and drop it)
+    assert "codebook[" in r.output and "int4[" in r.output
 
 
 def test_auto_nothing_fits_exit_3(tiny: Path, tmp_path: Path) -> None:
