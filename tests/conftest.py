@@ -107,3 +107,21 @@ def pinned_target(name: str = "host", isa: tuple[str, ...] = ("avx2", "fma", "f1
 
     t = load_target(name)
     return replace(t, hardware=replace(t.hardware, isa=frozenset(isa)))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer Llama (GQA, tied embeddings) with the bundled MiniLM tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        if (bundled_model_dir() / name).is_file():
+            shutil.copy(bundled_model_dir() / name, path / name)
+    return path

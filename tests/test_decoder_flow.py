@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import TOKENIZER_FILES, bundled_model_dir
 from test_ssh import Lab, lab  # noqa: F401  (lab: a real OpenSSH server on 127.0.0.1; skips without one)
 
 from edgecompress.cli import main
@@ -20,23 +18,6 @@ from edgecompress.targets import load_target
 
 DECODER = "text-generation-with-past"
 KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x kv_heads x head_dim x fp32
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama-flow")
-    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        if (bundled_model_dir() / name).is_file():
-            shutil.copy(bundled_model_dir() / name, path / name)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from edgecompress.passes.decoder import (
 )
 from edgecompress.recipes import default_recipe, make_recipe
 from edgecompress.targets import load_target
-from tests.conftest import TOKENIZER_FILES, bundled_model_dir, run_onnx
+from tests.conftest import TOKENIZER_FILES, run_onnx
 
 DECODER = "text-generation-with-past"
 SMOLLM2_CONFIG = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
@@ -210,24 +210,6 @@ def test_decoder_recipes_work_or_refuse_with_a_reason() -> None:
 
 
 # --- tiny Llama, end to end ------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised 2-layer Llama (GQA, tied embeddings) with the bundled MiniLM tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        if (bundled_model_dir() / name).is_file():
-            shutil.copy(bundled_model_dir() / name, path / name)
-    return path
-
-
 def _target_file(tmp: Path, **workload: int) -> Path:
     """The host target with a decoder workload (and a decode budget) written into it."""
     text = load_target("host").path
