@@ -98,6 +98,41 @@ def minilm_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export.export_onnx(bundled_model_dir(), info, out).onnx_path
 
 
+def minilm_context(minilm_path: Path) -> Any:
+    """A host PassContext for the exported MiniLM with the pipeline's calibration batches (b8, padded to 128)."""
+    from edgecompress.calibration import builtin_texts, tokenize_batches
+    from edgecompress.export import inspect_model, load_tokenizer
+    from edgecompress.passes.base import PassContext
+    from edgecompress.targets import load_target
+
+    tok = load_tokenizer(minilm_path.parent)
+    names = [i.name for i in onnx.load(str(minilm_path), load_external_data=False).graph.input]
+    texts = builtin_texts("calibration").texts
+    return PassContext(target=load_target("host"), info=inspect_model(bundled_model_dir()),
+                       calibration=lambda: tokenize_batches(tok, texts, names, batch_size=8, pad_to=128))
+
+
+def minilm_cosines(minilm_path: Path, model: onnx.ModelProto, texts: int = 128) -> np.ndarray:
+    """Per-text cosine of `model`'s mean-pooled embeddings against the FP32 export's (which matches PyTorch to
+    ~1e-6, the export check) on the first `texts` built-in evaluation texts."""
+    import onnxruntime as ort
+
+    from edgecompress.calibration import builtin_texts, tokenize_batches
+    from edgecompress.evaluate import pool
+    from edgecompress.export import load_tokenizer
+
+    tok = load_tokenizer(minilm_path.parent)
+    fp32 = onnx.load(str(minilm_path))
+    names = [i.name for i in fp32.graph.input]
+
+    def embed(m: onnx.ModelProto) -> np.ndarray:
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.concatenate([pool("feature-extraction", sess.run(["last_hidden_state"], b)[0], b)
+                               for b in tokenize_batches(tok, builtin_texts("evaluation").texts[:texts], names)])
+
+    return np.asarray((embed(fp32) * embed(model)).sum(axis=1))
+
+
 def pinned_target(name: str = "host", isa: tuple[str, ...] = ("avx2", "fma", "f16c")) -> Any:
     """A target with fixed ISA flags. `host` reads /proc/cpuinfo, and these machines differ (some have VNNI):
     tests of ISA-dependent choices pin the flags instead, by default to the AVX2-without-VNNI host of anchors.md."""

@@ -192,19 +192,12 @@ def test_mixed_int8_defaults_to_per_token_activations() -> None:
 @pytest.mark.slow
 def test_int8_mixed_on_minilm_reaches_0997(minilm_fp32: Path) -> None:
     """Issue 3's target for int8-mixed: mean cosine >= 0.997 at <= 24 MB, every Linear MatMul in MatMulInteger."""
-    from conftest import bundled_model_dir
+    from conftest import minilm_context, minilm_cosines
 
-    from edgecompress.calibration import builtin_texts, tokenize_batches
-    from edgecompress.evaluate import pool
-    from edgecompress.export import inspect_model, load_tokenizer
     from edgecompress.recipes import RecipeOptions, make_recipe
 
-    tok = load_tokenizer(minilm_fp32.parent)
     model = onnx.load(str(minilm_fp32))
-    names = [i.name for i in model.graph.input]
-    cal_texts = builtin_texts("calibration").texts
-    ctx = PassContext(target=load_target("host"), info=inspect_model(bundled_model_dir()),
-                      calibration=lambda: tokenize_batches(tok, cal_texts, names, batch_size=8, pad_to=128))
+    ctx = minilm_context(minilm_fp32)
     (pass_,) = make_recipe("int8-mixed", RecipeOptions(calibration_samples=64)).passes
     assert isinstance(pass_, MixedInt8)
     # the recipe's pass held to 0.997, with a lighter guard (CI time)
@@ -216,13 +209,5 @@ def test_int8_mixed_on_minilm_reaches_0997(minilm_fp32: Path) -> None:
     assert rep["optimized_graph"]["int8_kernels"].get("MatMulInteger", 0) == 36 and not rep["kept_float_activations"]
     assert result.model.ByteSize() < 24e6
 
-    import onnxruntime as ort
-
-    def embed(m: onnx.ModelProto) -> np.ndarray:
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        return np.concatenate([pool("feature-extraction", sess.run(["last_hidden_state"], b)[0], b)
-                               for b in tokenize_batches(tok, builtin_texts("evaluation").texts[:128], names)])
-
-    # against the FP32 ONNX export, which matches PyTorch to ~1e-6 (the export check)
-    cos = (embed(model) * embed(result.model)).sum(axis=1)
+    cos = minilm_cosines(minilm_fp32, result.model)
     assert cos.mean() >= 0.997, cos.mean()

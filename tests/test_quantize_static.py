@@ -211,19 +211,12 @@ def test_nothing_to_quantize_is_reported() -> None:
 
 @pytest.mark.slow
 def test_int8_static_on_minilm_holds_cosine(minilm_fp32: Path) -> None:
-    from conftest import bundled_model_dir
+    from conftest import minilm_context, minilm_cosines
 
-    from edgecompress.calibration import builtin_texts, tokenize_batches
-    from edgecompress.evaluate import pool
-    from edgecompress.export import inspect_model, load_tokenizer
     from edgecompress.recipes import RecipeOptions, make_recipe
 
-    tok = load_tokenizer(minilm_fp32.parent)
     model = onnx.load(str(minilm_fp32))
-    names = [i.name for i in model.graph.input]
-    cal_texts = builtin_texts("calibration").texts
-    ctx = PassContext(target=load_target("host"), info=inspect_model(bundled_model_dir()),
-                      calibration=lambda: tokenize_batches(tok, cal_texts, names, batch_size=8, pad_to=128))
+    ctx = minilm_context(minilm_fp32)
     (pass_,) = make_recipe("int8-static", RecipeOptions(calibration_samples=64)).passes
     assert isinstance(pass_, StaticInt8)
     # the recipe's pass with a lighter guard (CI time): fewer batches to measure sensitivity and fidelity on
@@ -233,15 +226,7 @@ def test_int8_static_on_minilm_holds_cosine(minilm_fp32: Path) -> None:
     assert result.report["optimized_graph"]["int8_kernels"].get("MatMulIntegerToFloat", 0) >= 24
     assert result.model.ByteSize() < 30e6  # int8 weights (the FP32 file is ~90 MB)
 
-    import onnxruntime as ort
-
-    def embed(m: onnx.ModelProto) -> np.ndarray:
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        return np.concatenate([pool("feature-extraction", sess.run(["last_hidden_state"], b)[0], b)
-                               for b in tokenize_batches(tok, builtin_texts("evaluation").texts[:128], names)])
-
-    # against the FP32 ONNX export, which matches PyTorch to ~1e-6 (the export check)
-    cos = (embed(model) * embed(result.model)).sum(axis=1)
+    cos = minilm_cosines(minilm_fp32, result.model)
     assert cos.mean() >= 0.99, cos.mean()
 
 
