@@ -103,6 +103,91 @@ def latencies(paths: dict[str, Path], rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+SHARED = ROOT.parent / "shared" / "data"
+STUDY_VARIANTS = (("ffn0.375-adaptive", {"ffn_ratio": 0.375}),
+                  ("mix-ffn0.3-heads0.15", {"ffn_ratio": 0.3, "head_ratio": 0.15}),
+                  ("mix-ffn0.35-heads0.1", {"ffn_ratio": 0.35, "head_ratio": 0.1}))
+
+
+def _sts_sentences(name: str) -> list[str]:
+    out: list[str] = []
+    for line in (SHARED / "stsb" / name).read_text(encoding="utf-8").splitlines()[1:]:
+        parts = line.split("\t")
+        if len(parts) >= 3:
+            out += [parts[1], parts[2]]
+    return list(dict.fromkeys(out))
+
+
+def calibration_study(bench: Bench, blocks: list[Any], quick: bool) -> dict[str, Any]:
+    """How the refit depends on calibration data: how much, and from which domain. Same passes, same configs
+    (adaptive schedule, refit); only the calibration texts change. Two evaluations: the built-in evaluation texts,
+    and held-out STS-B dev sentences calibrated on growing slices of STS-B train (in-domain data at scale)."""
+    import random
+
+    from edgecompress.calibration import builtin_texts, tokenize_batches
+    from edgecompress.model import save_model
+    from edgecompress.passes.prune import PruneConfig, StructuredPrune, collect_stats
+    from edgecompress.progress import NullProgress
+    from edgecompress.tasks import TextInputs, make_task
+
+    names = [i.name for i in bench.model.graph.input]
+    tok = bench.task.tokenizer  # type: ignore[attr-defined]
+
+    def batches(texts: tuple[str, ...]) -> Any:
+        # unpadded batches of 16: the statistics skip padding anyway, and 10,000 texts padded to 128 take minutes
+        return lambda: tokenize_batches(tok, texts, names, batch_size=16, max_length=128)
+
+    def run(task: Any, texts: tuple[str, ...], label: str) -> list[dict[str, Any]]:
+        t = time.perf_counter()
+        stats = collect_stats(bench.model, blocks, batches(texts)())
+        stats_s = time.perf_counter() - t
+        rows = []
+        for name, kw in STUDY_VARIANTS:
+            cfg = PruneConfig(schedule="adaptive", **kw)
+            wanted = [b for b in blocks if (b.kind == "ffn" and cfg.ffn_ratio > 0)
+                      or (b.kind == "heads" and cfg.head_ratio > 0)]
+            res = StructuredPrune(cfg).prune(bench.model, wanted, stats, batches(texts), {})
+            path = bench.tmp / f"study-{name}.onnx"
+            save_model(res.model, path)
+            m = task.fidelity(path, NullProgress()).metrics
+            rows.append({"calibration": label, "texts": len(texts), "tokens": next(iter(stats.values())).tokens,
+                         "variant": name, "flops_removed": res.report["flops_removed_share"],
+                         "cosine_mean": m["cosine_mean"], "cosine_p1": m["cosine_p1"], "stats_s": round(stats_s, 1)})
+            print(f"study {label} {name}: cosine {m['cosine_mean']:.4f}", flush=True)
+        return rows
+
+    builtin = builtin_texts("calibration").texts
+    train = _sts_sentences("sts-train.tsv")
+    random.Random(0).shuffle(train)
+    wiki = [s for line in (SHARED / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.strip().startswith("=")
+            for s in line.strip().split(". ") if 30 < len(s) < 300]
+    random.Random(1).shuffle(wiki)
+    builtin_rows = run(bench.task, builtin[:len(builtin) // 2], "built-in, first half")
+    builtin_rows += run(bench.task, builtin, "built-in, all")
+    builtin_rows += run(bench.task, builtin + tuple(train[:4000]) + tuple(wiki[:4000]),
+                        "built-in + 4,000 STS-B train + 4,000 WikiText-2 sentences")
+    seen = set(train)
+    dev_all = [s for s in _sts_sentences("sts-dev.tsv") if s not in seen]
+    random.Random(0).shuffle(dev_all)
+    dev = tuple(dev_all[:480])
+    sts_task = make_task(bench.info, TextInputs(model_dir=bench.task.inputs.model_dir,  # type: ignore[attr-defined]
+                                                export_dir=bench.task.inputs.export_dir,  # type: ignore[attr-defined]
+                                                input_names=names, eval_texts=_textset(dev, "STS-B dev"),
+                                                calibration_texts=builtin_texts("calibration")))
+    sts_task.check_export(bench.task.inputs.export_dir / "model.onnx", NullProgress())  # type: ignore[attr-defined]  # PyTorch FP32 reference on dev
+    sts_rows = []
+    for n in ((320, 3000) if quick else (320, 1000, 3000, 10000)):
+        sts_rows += run(sts_task, tuple(train[:n]), f"STS-B train, {n} sentences")
+    return {"builtin_eval": builtin_rows, "sts_dev": sts_rows, "sts_dev_sentences": len(dev)}
+
+
+def _textset(texts: tuple[str, ...], source: str) -> Any:
+    from edgecompress.calibration import TextSet
+
+    return TextSet(texts, source)
+
+
 def main() -> int:
     from edgecompress.graph import GraphIndex
     from edgecompress.passes.lowrank import LowRank, LowRankConfig
@@ -204,6 +289,7 @@ def main() -> int:
             composed.append({"variant": name, "passes": [ps.name for ps in recipe.passes],
                              "size_mb": round(path.stat().st_size / 1e6, 2), "build_s": round(secs, 1), **metrics})
             print(f"{name}: cosine {metrics['cosine_mean']:.4f}", flush=True)
+        study = calibration_study(bench, blocks, args.quick)
         lat = latencies(paths, args.rounds)
         fp32_size = round(base_path.stat().st_size / 1e6, 2)
 
@@ -213,6 +299,7 @@ def main() -> int:
            "flops_definition": f"MatMul FLOPs of one {SEQ}-token sequence (weight MatMuls + attention products); "
                                f"FP32: {flops0 / 1e9:.3f} GFLOP",
            "fp32_size_mb": fp32_size, "pruning": rows, "low_rank": low, "composed": composed,
+           "calibration_study": study,
            "latency_ms_b1_seq128_1thread": {k: round(v, 2) for k, v in lat.items()},
            "latency_ratio_to_fp32": {k: round(v / lat["fp32"], 3) for k, v in lat.items()},
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -261,6 +348,16 @@ def markdown(out: dict[str, Any]) -> str:
     for r in out["composed"]:
         lines.append(f"| {r['variant']} | {' -> '.join(r['passes'])} | {r['size_mb']} | {r['cosine_mean']:.4f} | "
                      f"{r['cosine_p1']:.4f} | {lat.get(r['variant'], '')} |")
+    st = out.get("calibration_study")
+    if st:
+        lines += ["", "## Calibration data: how much, and from where", "",
+                  "Same passes and configs (adaptive schedule, refit); only the calibration texts change.", "",
+                  "| evaluation | calibration | texts | tokens | variant | FLOPs removed | cos mean | cos p1 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for what, key in (("built-in (240)", "builtin_eval"), (f"STS-B dev ({st['sts_dev_sentences']})", "sts_dev")):
+            for r in st[key]:
+                lines.append(f"| {what} | {r['calibration']} | {r['texts']} | {r['tokens']} | {r['variant']} | "
+                             f"{r['flops_removed']:.1%} | {r['cosine_mean']:.4f} | {r['cosine_p1']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
