@@ -38,7 +38,7 @@ def _check(result, out: Path, n_models: int = 1) -> None:  # type: ignore[no-unt
     by_status: dict[str, list] = {}
     for r in result.results:
         by_status.setdefault(r.status, []).append(r)
-    assert len(by_status["built"]) == n_models * len(TARGETS) * len(RECIPES)
+    assert len(by_status.get("built", [])) == n_models * len(TARGETS) * len(RECIPES), _statuses(result)
     # the broken model fails each of its jobs with one line, and the others still ran
     assert len(by_status["failed"]) == len(TARGETS) * len(RECIPES)
     assert all("broken.onnx" in r.error and "\n" not in r.error for r in by_status["failed"])
@@ -60,10 +60,15 @@ def test_local_sweep_then_resume(models: list[str], tmp_path: Path) -> None:
     _check(first, out)
     again = sweep(models, TARGETS, RECIPES, out, executor="local", runs=3)
     statuses = [r.status for r in again.results]
-    assert statuses.count("skipped") == len(TARGETS) * len(RECIPES) and "built" not in statuses
+    assert statuses.count("skipped") == len(TARGETS) * len(RECIPES) and "built" not in statuses, _statuses(again)
     # a changed input (more timed runs) is a different build key: rebuilt, not skipped
     third = sweep(models[:1], TARGETS[:1], RECIPES[:1], out, executor="local", runs=4)
-    assert [r.status for r in third.results] == ["built"]
+    assert [r.status for r in third.results] == ["built"], _statuses(third)
+
+
+def _statuses(result) -> list[tuple[str, str, str]]:  # type: ignore[no-untyped-def]
+    """Every job's status and error, for the assertion message (a flaky failure must say which job and why)."""
+    return [(r.job, r.status, r.error) for r in result.results]
 
 
 def test_local_executor_survives_a_dying_worker() -> None:
