@@ -109,6 +109,11 @@ STUDY_VARIANTS = (("ffn0.375-adaptive", {"ffn_ratio": 0.375}),
                   ("mix-ffn0.35-heads0.1", {"ffn_ratio": 0.35, "head_ratio": 0.1}))
 
 
+def _asked(blocks: list[Any], cfg: Any) -> list[Any]:
+    """The blocks a config prunes: FFNs when it has an FFN ratio, attention when it has a head ratio."""
+    return [b for b in blocks if (b.kind == "ffn" and cfg.ffn_ratio > 0) or (b.kind == "heads" and cfg.head_ratio > 0)]
+
+
 def _sts_sentences(name: str) -> list[str]:
     out: list[str] = []
     for line in (SHARED / "stsb" / name).read_text(encoding="utf-8").splitlines()[1:]:
@@ -144,8 +149,7 @@ def calibration_study(bench: Bench, blocks: list[Any], quick: bool) -> dict[str,
         rows = []
         for name, kw in STUDY_VARIANTS:
             cfg = PruneConfig(schedule="adaptive", **kw)
-            wanted = [b for b in blocks if (b.kind == "ffn" and cfg.ffn_ratio > 0)
-                      or (b.kind == "heads" and cfg.head_ratio > 0)]
+            wanted = _asked(blocks, cfg)
             res = StructuredPrune(cfg).prune(bench.model, wanted, stats, batches(texts), {})
             path = bench.tmp / f"study-{name}.onnx"
             save_model(res.model, path)
@@ -226,8 +230,7 @@ def main() -> int:
 
         def prune(name: str, group: str, cfg: PruneConfig, timed: bool = False) -> None:
             p = StructuredPrune(cfg)
-            wanted = [b for b in blocks if (b.kind == "ffn" and cfg.ffn_ratio > 0)
-                      or (b.kind == "heads" and cfg.head_ratio > 0)]
+            wanted = _asked(blocks, cfg)
             t = time.perf_counter()
             res = p.prune(fp32, wanted, stats, bench.task.calibration_batches, curves)
             secs = time.perf_counter() - t
