@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,13 @@ def matmul_model(m: int = 4, k: int = 64, n: int = 32, seed: int = 0, bias: bool
                                                                     "B"))
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def sigint_default() -> None:
+    """Popen preexec_fn for a child the test will Ctrl-C: a shell that starts jobs in the background without job
+    control (`cmd &` in a script, nohup) makes them ignore SIGINT, the child inherits that, and Python then never
+    raises KeyboardInterrupt. Reset it, so the test checks our handling and not how it was launched."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_onnx(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import sigint_default
 
 import edgecompress
 from edgecompress.cli import main
@@ -107,7 +108,8 @@ def test_ctrl_c_leaves_no_partial_out(tiny_bert: Path, tmp_path: Path) -> None:
     out = tmp_path / "parent" / "b"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "edgecompress.cli", "build", str(tiny_bert), "--target", "host",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=sigint_default)
     deadline = time.time() + 120
     # wait until the build has started writing its staging dir, then interrupt it
     while time.time() < deadline and proc.poll() is None:

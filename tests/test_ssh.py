@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import matmul_model
+from conftest import matmul_model, sigint_default
 
 from edgecompress.cli import main as cli
 from edgecompress.errors import (
@@ -295,7 +295,8 @@ def test_ctrl_c_stops_the_remote_runner_and_cleans_up(lab: Lab, bundle: Path) ->
     """SIGINT while the runner is busy on the device: the remote process is killed, not left to run out its time."""
     model = bundle / "model.onnx"
     proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTIBLE, lab.user, str(lab.port), str(lab.known_hosts),
-                             str(lab.client_key), VENV_PYTHON, str(model)], stderr=subprocess.PIPE, text=True)
+                             str(lab.client_key), VENV_PYTHON, str(model)], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     try:
         deadline = time.monotonic() + 60
         while "runner.py" not in lab.processes():
