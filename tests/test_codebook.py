@@ -164,14 +164,19 @@ def test_pass_on_a_matmul(bits: int, granularity: str, tol: float) -> None:
     assert sum(len(p.raw_data) for p in packed) == (128 * 64 * bits) // 8
 
 
-def test_ort_folds_the_decode_at_load(tmp_path: Path) -> None:
-    res = Codebook(CodebookConfig(bits=4, mixed=False)).run(_two_layer_model(), _ctx(_feeds(128)))
+def _ort_optimized(model: onnx.ModelProto, tmp_path: Path) -> onnx.ModelProto:
+    """The graph ORT actually runs: the model after its load-time optimizations (constant folding included)."""
     path = tmp_path / "coded.onnx"
-    onnx.save(res.model, str(path))
+    onnx.save(model, str(path))
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    return onnx.load(str(tmp_path / "optimized.onnx"))
+
+
+def test_ort_folds_the_decode_at_load(tmp_path: Path) -> None:
+    res = Codebook(CodebookConfig(bits=4, mixed=False)).run(_two_layer_model(), _ctx(_feeds(128)))
+    optimized = _ort_optimized(res.model, tmp_path)
     ops = {n.op_type for n in optimized.graph.node}
     assert not ops & DECODE_OPS, f"decode ops left after load: {ops & DECODE_OPS}"
     assert ops & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"}  # the int8 kernels
@@ -271,12 +276,7 @@ def test_keep_float_codes_the_float_activation_weight(tmp_path: Path) -> None:
     got = run_onnx(res.model, {"X": x})[0]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.15
     # ORT folds both decodes at load into int8 weights; the float-activation one stays int8 behind its dequantize
-    path = tmp_path / "coded.onnx"
-    onnx.save(res.model, str(path))
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    optimized = _ort_optimized(res.model, tmp_path)
     assert not {n.op_type for n in optimized.graph.node} & DECODE_OPS
     folded = [i for i in optimized.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
     assert sorted(tuple(i.dims) for i in folded) == [(96, 64), (128, 96)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from conftest import run_onnx
@@ -60,15 +62,10 @@ def test_smoothing_flattens_outliers_and_cuts_int8_error() -> None:
     ratio = report["activation_outlier_ratio"]
     assert ratio["after_median"] < ratio["before_median"]
 
-    def int8_error(m: onnx.ModelProto) -> float:
-        q = ort_quant.quantize_dynamic(m, op_types=("MatMul",))
-        errs = []
-        for feed in _inputs(3, 4):
-            ref, got = run_onnx(model, feed)[0], run_onnx(q, feed)[0]
-            errs.append(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-        return float(np.mean(errs))
+    def int8(m: onnx.ModelProto) -> onnx.ModelProto:
+        return ort_quant.quantize_dynamic(m, op_types=("MatMul",))
 
-    assert int8_error(smoothed) < 0.7 * int8_error(model)
+    assert _int8_error(model, smoothed, int8) < 0.7 * _int8_error(model, model, int8)
 
 
 
@@ -84,12 +81,18 @@ def test_per_token_smoothing_is_judged_on_per_token_int8() -> None:
     assert report["error_simulated"] == "per token" and report["smoothed_inputs"] >= 1
     onnx.checker.check_model(smoothed, full_check=True)
 
-    def int8_error(m: onnx.ModelProto) -> float:
-        q = per_token_int8(m, [n.name for n in m.graph.node if n.op_type == "MatMul"])
-        errs = []
-        for feed in _inputs(3, 4):
-            ref, got = run_onnx(model, feed)[0], run_onnx(q, feed)[0]
-            errs.append(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-        return float(np.mean(errs))
+    def int8(m: onnx.ModelProto) -> onnx.ModelProto:
+        return per_token_int8(m, [n.name for n in m.graph.node if n.op_type == "MatMul"])
 
-    assert int8_error(smoothed) < 0.7 * int8_error(model)
+    assert _int8_error(model, smoothed, int8) < 0.7 * _int8_error(model, model, int8)
+
+
+def _int8_error(reference: onnx.ModelProto, model: onnx.ModelProto,
+                quantize: Callable[[onnx.ModelProto], onnx.ModelProto]) -> float:
+    """Mean relative output error of `quantize(model)` against the float `reference`."""
+    q = quantize(model)
+    errs = []
+    for feed in _inputs(3, 4):
+        ref, got = run_onnx(reference, feed)[0], run_onnx(q, feed)[0]
+        errs.append(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    return float(np.mean(errs))
