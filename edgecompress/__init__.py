@@ -65,12 +65,14 @@ def build(
     trust_remote_code: bool = False,
     runs: int = 30,
     cache: bool = True,
+    package: str | None = None,
     progress: Progress | None = None,
     **recipe_options: Any,
 ) -> Manifest:
     """Same as `edgecompress build`: returns the Manifest; raises EdgeCompressError subclasses.
 
-    A failed budget is not an exception: check `manifest.passed` / `manifest.failed_budgets`.
+    A failed budget is not an exception: check `manifest.passed` / `manifest.failed_budgets`. `package="ort-mobile"`
+    adds model.ort (None: the target's default). Errors name these arguments (force=True), not the CLI's flags.
     """
     from edgecompress.pipeline import BuildOptions
     from edgecompress.pipeline import build as _build
@@ -82,5 +84,27 @@ def build(
         calibration=Path(calibration) if calibration is not None else None,
         eval=Path(eval) if eval is not None else None, text_column=text_column, task=task, force=force,
         trust_remote_code=trust_remote_code, runs=runs, cache=cache, recipe_options=RecipeOptions(**recipe_options),
+        package=package,
     )
-    return _build(opts, progress)
+    try:
+        return _build(opts, progress)
+    except EdgeCompressError as e:
+        if "--" not in e.message and "--" not in (e.hint or ""):
+            raise
+        raise type(e)(api_words(e.message), api_words(e.hint) if e.hint else None) from e
+
+
+_API_BOOL_FLAGS = {"force": "force=True", "trust_remote_code": "trust_remote_code=True", "no_cache": "cache=False"}
+
+
+def api_words(text: str) -> str:
+    """A CLI error's flags as this function's arguments: `--force` -> `force=True`, `--out X` -> `out=X`."""
+    import re
+
+    def sub(m: re.Match[str]) -> str:
+        name, space = m.group(1).replace("-", "_"), m.group(2) or ""
+        if name in _API_BOOL_FLAGS:
+            return _API_BOOL_FLAGS[name] + space
+        return f"{name}=" if space else name
+
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)( (?=[^\s-]))?", sub, text)

@@ -130,6 +130,9 @@ def _recipe_options(flags: dict[str, Any]) -> Any:
 @click.option("--keep-best", is_flag=True, help="--recipe auto: write the closest bundle even if nothing fits.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the build cache (see `edgecompress cache`).")
 @recipe_option_flags
+@click.option("--package", type=click.Choice(["ort-mobile", "none"]), default=None,
+              help="Also write an ORT Mobile package (model.ort, its operator config, provider coverage) "
+                   "[default: the target's, ort-mobile on phone-arm64].")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -137,7 +140,7 @@ def build(model: Path | None, target: str, recipe: str | None, out: Path | None,
           eval_file: Path | None, text_column: str | None, task: str | None, runs: int, trust_remote_code: bool,
           max_size_mb: float | None, max_ram_mb: float | None, max_latency_ms: float | None,
           min_fidelity: float | None, max_candidates: int | None, time_budget: float | None, keep_best: bool,
-          no_cache: bool, force: bool, as_json: bool, debug: bool, **recipe_flags: Any) -> None:
+          no_cache: bool, package: str | None, force: bool, as_json: bool, debug: bool, **recipe_flags: Any) -> None:
     """Export MODEL, compress it with a recipe, measure it, check the target's budgets, write a bundle.
 
     MODEL is a local Hugging Face model directory or an .onnx file; without it, the bundled all-MiniLM-L6-v2.
@@ -165,7 +168,8 @@ def build(model: Path | None, target: str, recipe: str | None, out: Path | None,
                             trust_remote_code=trust_remote_code, runs=runs, cache=not no_cache,
                             budgets={k: v for k, v in (("max_size_mb", max_size_mb), ("max_peak_ram_mb", max_ram_mb),
                                                        ("max_latency_p90_ms", max_latency_ms)) if v is not None},
-                            min_fidelity=min_fidelity, recipe_options=_recipe_options(recipe_flags))
+                            min_fidelity=min_fidelity, recipe_options=_recipe_options(recipe_flags),
+                            package=package)
 
     def run(progress: Any = None) -> Any:
         opts = options()

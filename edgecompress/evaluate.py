@@ -78,8 +78,29 @@ class Fidelity:
     reference: str
     source: str = "measured on host (onnxruntime CPUExecutionProvider)"
     notes: list[str] = field(default_factory=list)
+    per_text: dict[str, Any] = field(default_factory=dict)  # per_text_summary: the distribution and worst texts
 
     def as_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "metrics": self.metrics, "texts": self.texts, "text_source": self.text_source,
-                "reference": self.reference, "source": self.source, "notes": self.notes,
-                "units": {k: METRICS[k].unit for k in self.metrics}}
+        d = {"task": self.task, "metrics": self.metrics, "texts": self.texts, "text_source": self.text_source,
+             "reference": self.reference, "source": self.source, "notes": self.notes,
+             "units": {k: METRICS[k].unit for k in self.metrics}}
+        if self.per_text:
+            d["per_text"] = self.per_text
+        return d
+
+
+def per_text_summary(task: str, reference: np.ndarray, candidate: np.ndarray, texts: tuple[str, ...] | list[str],
+                     worst: int = 5, keep: int = 2000) -> dict[str, Any]:
+    """Each text's score (cosine for embeddings, KL for classifiers) and the texts that fared worst, for the
+    report's distribution; at most `keep` values are stored."""
+    if task == "feature-extraction":
+        values, name, worst_first = np.sum(reference * candidate, axis=1), "cosine", np.argsort
+    elif task == "text-classification":
+        p, q = _softmax(reference), _softmax(candidate)
+        values = np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None))), axis=-1)
+        name, worst_first = "kl", lambda v: np.argsort(-v)
+    else:
+        return {}
+    order = worst_first(values)[:worst]
+    return {"metric": name, "values": [round(float(v), 5) for v in values[:keep]],
+            "worst": [{"text": str(texts[i])[:300], name: round(float(values[i]), 5)} for i in order]}

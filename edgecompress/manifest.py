@@ -44,6 +44,8 @@ class Manifest:
     search: dict[str, Any] = field(default_factory=dict)  # --recipe auto: every candidate and why
     # integer-kernel share of MatMul FLOPs in ORT's optimized graph (profiling/kernels.py)
     kernels: dict[str, Any] = field(default_factory=dict)
+    # what the bundle holds beside the model: the client libraries' files, an ORT Mobile package (bundle_files.py)
+    bundle: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
 
     @property

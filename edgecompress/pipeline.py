@@ -19,9 +19,11 @@ import onnx
 
 from edgecompress import budget, export, steps
 from edgecompress.bundle import StagedDir, check_out_dir
+from edgecompress.bundle_files import bundle_section, copy_bundle_files
 from edgecompress.cache import Cache, digest, hash_texts
 from edgecompress.calibration import TextSet, builtin_texts, load_texts
 from edgecompress.errors import BuildInterrupted, ModelError
+from edgecompress.layers import layer_table
 from edgecompress.manifest import Artifact, Manifest
 from edgecompress.metrics import METRICS, PRIMARY_METRIC
 from edgecompress.model import artifact_size_bytes, load_model, save_model, sha256_file, sha256_files
@@ -38,10 +40,6 @@ from edgecompress.versions import cache_versions, library_versions
 log = logging.getLogger(__name__)
 
 BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
-# Files of an optimum export dir that make the bundle load like any HF ONNX model dir.
-_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-               "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model",
-               "added_tokens.json", "generation_config.json")
 
 
 # MODEL names that mean a model shipped by a package rather than a path
@@ -92,6 +90,7 @@ class BuildOptions:
     threads: int | None = None
     eval_batch_size: int = 32
     seed: int = 0
+    package: str | None = None  # "ort-mobile" | "none"; None: the target's [runtime] package (mobile.py)
 
 
 @dataclass
@@ -106,6 +105,7 @@ class _Plan:
     eval_texts: TextSet
     calibration_texts: TextSet
     out: Path
+    package: str | None = None
 
 
 def plan(opts: BuildOptions) -> _Plan:
@@ -126,7 +126,17 @@ def plan(opts: BuildOptions) -> _Plan:
                    else builtin_texts("calibration"))
     out = Path(opts.out) if opts.out else Path("build") / f"{model_name}-{target.name}"
     check_out_dir(out, opts.force)
-    return _Plan(model_dir, model_name, info, target, recipe, eval_texts, calib_texts, out)
+    package = package_for(opts.package, target, info.task)
+    return _Plan(model_dir, model_name, info, target, recipe, eval_texts, calib_texts, out, package)
+
+
+def package_for(asked: str | None, target: Target, task: str) -> str | None:
+    """--package, else the target's default for encoders (a decoder's ORT Mobile package is asked for by name)."""
+    from edgecompress.mobile import check_package
+
+    if asked is not None:
+        return check_package(asked)
+    return None if task in export.DECODER_TASKS else target.runtime.package
 
 
 def build_key(p: _Plan, opts: BuildOptions, recipe: dict[str, Any] | None = None) -> str:
@@ -134,7 +144,8 @@ def build_key(p: _Plan, opts: BuildOptions, recipe: dict[str, Any] | None = None
     return digest({"source": steps.source_fingerprint(p.model_dir), "task": p.info.task,
                    "target": asdict(p.target), "recipe": recipe or p.recipe.describe(),
                    "eval": hash_texts(p.eval_texts.texts), "calibration": hash_texts(p.calibration_texts.texts),
-                   "runs": opts.runs, "seed": opts.seed, "versions": cache_versions()})
+                   "runs": opts.runs, "seed": opts.seed, "versions": cache_versions(),
+                   **({"package": p.package} if p.package else {})})
 
 
 def build(opts: BuildOptions, progress: Progress | None = None) -> Manifest:
@@ -183,17 +194,27 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
 
     model_path = stage / "model.onnx"
     save_model(model, model_path)
-    for name in _SIDE_FILES:
-        if (exp.onnx_path.parent / name).is_file():
-            shutil.copy2(exp.onnx_path.parent / name, stage / name)
+    # config, tokenizer, chat template, generation config, the sentence-transformers pipeline (bundle_files.py)
+    side_files = copy_bundle_files(exp.onnx_path.parent, p.model_dir if p.model_dir.is_dir() else None, stage)
 
     # Proof that it runs quantized: ORT's optimized graph goes to diagnostics/, and a quantizing recipe whose
     # MatMuls all run in float kernels there fails the build (PassError: nothing written).
     t0 = time.perf_counter()
     with progress.step("kernels in ORT's optimized graph"):
         kernels = inspect_kernels(model_path, stage / DIAGNOSTICS_DIR, target.runtime.providers,
-                                  task.profile_dims(target), quantizing=p.recipe.quantizing, reference=model)
+                                  task.profile_dims(target), quantizing=p.recipe.quantizing, reference=model,
+                                  target=target)
     timings["kernels"] = time.perf_counter() - t0
+
+    mobile: dict[str, Any] = {}
+    if p.package == "ort-mobile":  # model.ort, its operator config and provider coverage (mobile.py)
+        from edgecompress.mobile import package_ort_mobile, sample_feed
+
+        t0 = time.perf_counter()
+        with progress.step("ORT Mobile package"):
+            mobile = package_ort_mobile(model_path, stage, target.hardware.arch, target.runtime.providers,
+                                        sample_feed(model, info.vocab_size))
+        timings["package"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     fidelity = task.fidelity(model_path, progress)
@@ -208,6 +229,8 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
                                               task.profile_dims(target))
     for name, value in fidelity.metrics.items():
         figures[name] = budget.Figure(value, METRICS[name].unit, "measured-on-host")
+    if mobile:  # the app ships model.ort, not model.onnx: that is the size to budget
+        figures["size"] = budget.Figure(mobile["size_bytes"] / 1e6, "MB", f"measured ({mobile['file']})")
     rows = budget.check(target.budgets, figures)
 
     shutil.rmtree(work, ignore_errors=True)  # scratch only exists when the cache is off
@@ -219,7 +242,8 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
                 "architecture": info.architecture, "model_type": info.model_type,
                 "weights_sha256": sha256_files(export.weight_files(p.model_dir), p.model_dir)},
         target=target.summary(),
-        recipe={**p.recipe.describe(), "passes": pass_records},
+        recipe={**p.recipe.describe(), "passes": pass_records,
+                "layers": layer_table(model, [r["report"] for r in pass_records])},
         export={"task": info.task, "opset": exp.opset, "seconds": exp.seconds, "check": check.as_dict(),
                 "exporter": ("none (ONNX given)" if info.task == export.ONNX_TASK
                              else "optimum.exporters.onnx.main_export"),
@@ -235,6 +259,7 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
         build_key=build_key(p, opts),
         bundle_dir=str(p.out.absolute()),
         kernels=kernels,
+        bundle=bundle_section(side_files, mobile),
     )
     (stage / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
     (stage / "report.md").write_text(render_markdown(manifest), encoding="utf-8")

@@ -161,3 +161,23 @@ def versus_png(panels: Sequence[Panel], *, title: str) -> bytes | None:
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title, fontsize=10)
     return _png(fig)
+
+
+def per_text_png(values: Sequence[float], *, metric: str, floor: float | None, title: str) -> bytes | None:
+    """Histogram of each evaluation text's score against the reference, with the mean and the budget's floor."""
+    if not values:
+        return None
+    import numpy as np
+
+    plt = _pyplot()
+    a = np.asarray(values, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.hist(a, bins=min(40, max(5, len(a) // 4)), color=BLUE, alpha=0.8)
+    ax.axvline(float(a.mean()), color="black", linestyle="--", linewidth=1, label=f"mean {a.mean():.4f}")
+    if floor is not None:
+        ax.axvline(floor, color=RED, linewidth=1.5, label=f"budget floor on the mean {floor:g}")
+    ax.set_xlabel(f"{metric} per text")
+    ax.set_ylabel("texts")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _png(fig)

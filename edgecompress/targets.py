@@ -50,6 +50,7 @@ class Hardware:
 class Runtime:
     providers: tuple[str, ...]
     threads: int
+    package: str | None = None  # "ort-mobile": builds add model.ort unless --package none (mobile.py)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool, str]]] = {
     "runtime": {
         "providers": ((list,), True, "a list of ONNX Runtime execution provider names"),
         "threads": ((int,), True, "a positive integer"),
+        "package": ((str,), False, '"ort-mobile" (the default --package of builds for this target) or "none"'),
     },
     "workload": {
         "batch": ((int,), True, "a positive integer"),
@@ -256,6 +258,8 @@ def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
     for p in rt["providers"]:
         if p not in KNOWN_PROVIDERS:
             raise _bad(path, "runtime.providers", f"provider names from {sorted(KNOWN_PROVIDERS)}", p)
+    if rt.get("package", "none") not in ("ort-mobile", "none"):
+        raise _bad(path, "runtime.package", '"ort-mobile" or "none"', rt["package"])
     if hw["usable_ram_mb"] > hw["memory_mb"]:
         raise _bad(path, "hardware.usable_ram_mb", f"at most memory_mb ({hw['memory_mb']})", hw["usable_ram_mb"])
     for key in ("compute_efficiency", "bandwidth_efficiency"):
@@ -280,7 +284,8 @@ def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
             peak_gflops_fp32=float(hw["peak_gflops_fp32"]), peak_gflops_fp16=float(hw["peak_gflops_fp16"]),
             peak_gops_int8=float(hw["peak_gops_int8"]), accelerator=hw.get("accelerator", ""),
         ),
-        runtime=Runtime(providers=tuple(rt["providers"]), threads=rt["threads"]),
+        runtime=Runtime(providers=tuple(rt["providers"]), threads=rt["threads"],
+                        package=None if rt.get("package", "none") == "none" else rt["package"]),
         workload=Workload(batch=wl["batch"], sequence_length=wl["sequence_length"],
                           **{k: wl[k] for k in ("prompt_length", "new_tokens", "context_length") if k in wl}),
         budgets=Budgets(

@@ -17,7 +17,7 @@ import numpy as np
 from edgecompress import export
 from edgecompress.cache import digest, hash_texts
 from edgecompress.calibration import TextSet, builtin_texts, count_truncated, tokenize_batches
-from edgecompress.evaluate import Fidelity, OnnxRunner, compare, pooled_outputs
+from edgecompress.evaluate import Fidelity, OnnxRunner, compare, per_text_summary, pooled_outputs
 from edgecompress.passes.base import Batch, ModelInfo
 from edgecompress.progress import Progress
 from edgecompress.targets import Target
@@ -123,7 +123,8 @@ class EncoderTask:
                                     self._batches(self.inputs.eval_texts.texts, self.inputs.eval_batch_size))
         return Fidelity(task=self.info.task, metrics=compare(self.info.task, self._reference, pooled),
                         texts=len(self.inputs.eval_texts.texts), text_source=self.inputs.eval_texts.source,
-                        reference="PyTorch FP32")
+                        reference="PyTorch FP32", per_text=per_text_summary(self.info.task, self._reference, pooled,
+                                                                           self.inputs.eval_texts.texts))
 
     def profile_dims(self, target: Target) -> dict[str, int]:
         return {"batch_size": target.workload.batch,

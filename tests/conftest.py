@@ -168,3 +168,14 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if (bundled_model_dir() / name).is_file():
             shutil.copy(bundled_model_dir() / name, path / name)
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_phone_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled MiniLM built once per session for phone-arm64 (int8-static, the target's default ORT Mobile
+    package): the real bundle an app developer gets, shared by the pipeline, packaging and example tests."""
+    import edgecompress
+
+    out = tmp_path_factory.mktemp("minilm-phone") / "bundle"
+    edgecompress.build(target="phone-arm64", out=out, runs=5)
+    return out

@@ -48,23 +48,52 @@ def _manifest(*, search: bool = True, host: bool = True, ops: bool = False, name
                     {"candidate": "int4", "status": "built", "passed": False, "size_mb": 14.7,
                      "fidelity": {"cosine_mean": 0.97}},
                     {"candidate": EVIL, "status": "excluded", "reason": EVIL}]}
+    kernels = {"integer_matmul_flops_share": 0.9474, "matmul_gflops": 2.87, "integer_matmul_gflops": 2.72,
+               "integer_kernels": ["MatMulIntegerToFloat"], "by_op": {"MatMul": {"nodes": 12, "gflops": 0.15},
+                                                                      "MatMulIntegerToFloat": {"nodes": 28,
+                                                                                               "gflops": 2.72}},
+               "workload": {"batch_size": 1, "sequence_length": 128}, "source": "modelled", "target": "phone-arm64",
+               "machine": "aarch64 (Cortex-X3)", "whose": "the target's", "method": "Arm builds fuse S8S8",
+               "host": {"integer_matmul_flops_share": 0.565, "matmul_gflops": 2.8, "integer_matmul_gflops": 1.58,
+                        "integer_kernels": ["MatMulIntegerToFloat"], "by_op": {"MatMul": {"nodes": 33,
+                                                                                          "gflops": 1.2}},
+                        "workload": {"batch_size": 1, "sequence_length": 128}, "machine": "x86_64 (this host)",
+                        "optimized_graph": "diagnostics/optimized-cpu.onnx", "providers": ["CPUExecutionProvider"]}}
+    mobile = {"file": "model.ort", "size_bytes": 23_568_768, "required_operators_and_types": "m.config",
+              "operators": {"ai.onnx": ["MatMul"], "com.microsoft": ["MatMulIntegerToFloat"]},
+              "converter": "onnxruntime.tools.convert_onnx_models_to_ort", "usability_report": "u.txt",
+              "check": {"loads": True, "max_abs_diff_vs_onnx": 0.24, "cosine_min_vs_onnx": 0.985,
+                        "max_abs_diff_vs_optimized_onnx": 0.0},
+              "providers": {"NNAPI": {"assessed": True, "nodes": 436, "supported_nodes": 120, "node_share": 0.2752,
+                                      "partitions": 13, "suitability": "NO", "cpu_fallback_nodes": {"Add": 62}},
+                            "QNN": {"assessed": False, "com_microsoft_nodes": {"MatMulIntegerToFloat": 28}}}}
+    bundle = {"files": ["modules.json"], "sentence_transformers": {"modules": ["Transformer", "Pooling"]},
+              "ort_mobile": mobile}
+    layers = [{"node": "/l0/dense/MatMul", "op": "MatMul", "weight": [384, 1536], "precision": "int8", "bits": 8,
+               "activations": "float", "kept_float": "kept float to hold the floor", "sensitivity": 0.005},
+              {"node": EVIL, "op": "Gather", "weight": [30522, 384], "precision": "int8", "bits": 8,
+               "activations": "n/a (lookup)"}]
+    per_text = {"metric": "cosine", "values": [0.99 + 0.0001 * (i % 50) for i in range(240)],
+                "worst": [{"text": EVIL, "cosine": 0.974}, {"text": "a short one", "cosine": 0.98}]}
     return Manifest(
         created="2026-01-01T00:00:00+00:00", tool={"edgecompress": "0.1.0", "onnxruntime": "1.32.0"},
         source={"name": name, "path": "/x", "task": "feature-extraction"},
         target={"name": "raspberry-pi-5"},
-        recipe={"name": "int8-dynamic", "description": "dynamic int8", "passes": [
-            {"name": "int8-dynamic", "seconds": 1.0, "config": {"per_channel": True}, "report": {"note": EVIL}}]},
+        recipe={"name": "int8-dynamic", "description": "dynamic int8", "layers": layers, "passes": [
+            {"name": "int8-dynamic", "seconds": 1.0, "config": {"per_channel": True},
+             "report": {"note": EVIL, "quantized": {"matmul": 36}, "gather_skipped": "no table"}}]},
         export={"task": "feature-extraction", "opset": 17, "seconds": 1.0,
                 "check": {"texts": 8, "max_abs_diff": 1e-5, "output": "last_hidden_state", "atol": 1e-3}},
         fidelity={"reference": "PyTorch FP32", "texts": 240, "text_source": EVIL, "source": "measured on host",
-                  "metrics": {"cosine_mean": 0.992, "cosine_p1": 0.98, "cosine_min": 0.97}, "notes": []},
+                  "metrics": {"cosine_mean": 0.992, "cosine_p1": 0.98, "cosine_min": 0.97}, "notes": [],
+                  "per_text": per_text},
         profile=profile,
         budgets=[BudgetRow("size", 30.0, 22.9, "MB", True, "measured", "<="),
                  BudgetRow("latency_p90", 60.0, 11.0, "ms", True, "measured", "<="),
                  BudgetRow("cosine_mean", 0.99, 0.992, "", True, "measured-on-host", ">=")],
         artifact=Artifact("model.onnx", ["model.onnx", "manifest.json", "report.md", "report.html"], 22_900_000,
                           "ab" * 32),
-        warnings=[EVIL], search=srch,
+        warnings=[EVIL], search=srch, kernels=kernels, bundle=bundle,
     )
 
 
@@ -125,7 +154,10 @@ def test_html_is_self_contained_and_escaped() -> None:
     assert html_escape_count(text) >= 4  # warnings, text source, pass report, candidate row
     # no outside requests: every image is an inline PNG
     ids = [i["id"] for i in doc.imgs]
-    assert ids == ["plot-versus", "plot-latency", "plot-ops", "plot-pareto"]
+    assert ids == ["plot-per-text", "plot-versus", "plot-latency", "plot-ops", "plot-pareto"]
+    # every chart says what its numbers are
+    assert text.count("<figcaption><span class=\"kind") == len(ids)
+    assert doc.imgs[1]["alt"].endswith("estimated latency)") and doc.imgs[3]["alt"].endswith("(measured)")
     for img in doc.imgs:
         src = img["src"] or ""
         assert src.startswith("data:image/png;base64,")
@@ -137,6 +169,21 @@ def test_html_is_self_contained_and_escaped() -> None:
     assert [r[0] for r in budgets[1:]] == ["size", "latency_p90", "cosine_mean"]
     assert budgets[3][2] == ">= 0.9900" and budgets[3][4] == "PASS" and budgets[3][5] == "measured-on-host"
     assert doc.tables["ops"][1][:4] == ["MatMulInteger", "4.000", "60.0%", "36"]
+    # the verdict comes first, before any table
+    assert text.index('id="verdict"') < text.index('<table id="budgets"') < text.index('id="load"')
+    assert 'SentenceTransformer(&quot;' in text and "model.ort" in text
+    kernels = doc.tables["kernels"]
+    assert [r[0] for r in kernels[1:]] == ["target phone-arm64", "this host"]
+    assert kernels[1][1] == "modelled" and kernels[1][3] == "94.7%" and kernels[2][3] == "56.5%"
+    assert doc.tables["providers"][1][:4] == ["NNAPI", "120/436 (27.5%)", "13", "NO"]
+    assert doc.tables["providers"][2][1] == "not assessed" and "MatMulIntegerToFloat ×28" in doc.tables["providers"][2][4]
+    assert doc.tables["export"][-1][1].startswith("1.00e-05")
+    passes = doc.tables["passes"]
+    assert passes[0] == ["pass", "what it did", "skipped, and why", "seconds", "config"]
+    assert "quantized: matmul=36" in passes[1][1] and passes[1][2] == "gather_skipped: no table"
+    layers = doc.tables["layers"]
+    assert layers[1][3:] == ["int8", "8", "float", "kept float to hold the floor", "0.005"] and layers[2][0] == EVIL
+    assert doc.tables["worst-texts"][1] == [EVIL, "0.9740"]
     assert EVIL in [r[0] for r in doc.tables["candidates"]]  # escaped in the source, the original text when parsed
 
 
@@ -150,7 +197,7 @@ def test_op_plot_prefers_the_measured_table_and_labels_the_estimate() -> None:
     assert measured_op_times(_manifest(ops=False).profile) is None
     estimated = render_html(_manifest(ops=False, host=False, search=False))
     doc = _parse(estimated)
-    assert [i["id"] for i in doc.imgs] == ["plot-versus", "plot-ops"]  # no samples, no search: no such plots
+    assert [i["id"] for i in doc.imgs] == ["plot-per-text", "plot-versus", "plot-ops"]  # no samples, no search
     assert "Estimated: the per-node roofline" in estimated
     assert "measured, ORT profiler" not in estimated
     assert "Per-op-type kernel time per run from onnxruntime" in render_html(_manifest(ops=True))
@@ -176,7 +223,8 @@ def test_build_writes_report_html(tiny_bert: Path, tmp_path: Path) -> None:
     text = (out / "report.html").read_text(encoding="utf-8")
     doc = _parse(text)
     ids = [i["id"] for i in doc.imgs]
-    assert ids[:3] == ["plot-versus", "plot-latency", "plot-ops"]  # host target: measured samples
+    assert ids[:4] == ["plot-per-text", "plot-versus", "plot-latency", "plot-ops"]  # host target: measured samples
+    assert len(doc.tables["layers"]) > 1 and len(doc.tables["worst-texts"]) == 6
     assert 0 < len(m.profile["host"]["samples_ms"]) <= 1000
     base = m.profile["fp32_baseline"]
     assert base["size_mb"] > m.artifact.size_mb  # int8 is smaller than the FP32 export
@@ -252,17 +300,20 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert dom.returncode == 0, dom.stderr[-500:]
     doc = _parse(dom.stdout)
     assert 'data-probed="yes"' in dom.stdout, "the load handler did not run"
-    assert len(doc.imgs) == 4
+    assert len(doc.imgs) == 5
     for img in doc.imgs:  # decoded by the browser, at the PNG's own width
         w, _ = _png_size(base64.b64decode((img["src"] or "").split(",", 1)[1]))
         assert img["data-complete"] == "true"
         assert img["data-natural-width"] == str(w), img["id"]
-    assert {"budgets", "passes", "fidelity", "candidates"} <= set(doc.tables)
+    assert {"budgets", "kernels", "providers", "export", "passes", "layers", "fidelity", "worst-texts",
+            "candidates"} <= set(doc.tables)
     assert len(doc.tables["budgets"]) == 4 and len(doc.tables["candidates"]) == 5
 
     shot = tmp_path / "shot.png"
     r = _run_chromium(binary, ["--window-size=1200,2400", f"--screenshot={shot}", page.as_uri()], tmp_path)
     assert r.returncode == 0 and shot.is_file(), r.stderr[-500:]
+    if os.environ.get("EDGECOMPRESS_KEEP_SCREENSHOT"):  # to look at it: a person reads this page
+        shutil.copy(shot, os.environ["EDGECOMPRESS_KEEP_SCREENSHOT"])
     data = shot.read_bytes()
     assert _png_size(data) == (1200, 2400)
     import matplotlib.image

@@ -260,9 +260,10 @@ def _remove_root(d: Path) -> None:
 
 
 def run_in_emulator(model_files: list[Path], batches: list[dict[str, np.ndarray]], cpu: str, *,
-                    threads: int = 1, timeout_s: float = 1800) -> tuple[dict[str, Any], list[dict[str, np.ndarray]],
-                                                                        dict[str, int]]:
+                    threads: int = 1, timeout_s: float = 1800, optimized_to: Path | None = None
+                    ) -> tuple[dict[str, Any], list[dict[str, np.ndarray]], dict[str, int]]:
     """Run `model_files[0]` (the rest: its external data) on the batches in the arm64 root with QEMU_CPU=cpu.
+    `optimized_to`: where to keep the graph ORT optimized there (the Arm kernel share is read from it).
 
     Returns (runner result, outputs per batch by output name, op histogram of the graph ORT optimized there).
     """
@@ -308,6 +309,9 @@ def run_in_emulator(model_files: list[Path], batches: list[dict[str, np.ndarray]
                     outputs = [{n: z[f"{i}/{n}"] for n in result["outputs"]} for i in range(len(batches))]
             if (job / "optimized.onnx").is_file():
                 ops = op_histogram(job / "optimized.onnx")
+                if optimized_to is not None:
+                    optimized_to.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(job / "optimized.onnx", optimized_to)
         finally:
             shutil.rmtree(job, ignore_errors=True)
     return result, outputs, ops

@@ -6,15 +6,17 @@ not a deployable file: at level "all" it may hold hardware-specific ops), and me
 that run in integer or 4-bit kernels there. A quantizing recipe whose share is 0 did not quantize anything that
 runs, and is an error.
 
-Layering: profiling; imports errors, model and profiling.cost only.
+Layering: profiling; imports errors, model, profiling.cost and profiling.fusion (emulate lazily).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -28,6 +30,9 @@ from edgecompress.profiling.cost import (
     node_costs,
     numel,
 )
+
+if TYPE_CHECKING:
+    from edgecompress.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -152,38 +157,107 @@ def save_optimized(model_path: Path, out_dir: Path, providers: tuple[str, ...] |
 
 
 def inspect_kernels(model_path: Path, out_dir: Path, providers: tuple[str, ...] | list[str], dims: dict[str, int],
-                    *, quantizing: bool, reference: onnx.ModelProto | None = None) -> dict[str, Any]:
-    """Save ORT's optimized graph under out_dir and report the integer-kernel share of MatMul FLOPs.
+                    *, quantizing: bool, reference: onnx.ModelProto | None = None, target: Target | None = None
+                    ) -> dict[str, Any]:
+    """Save ORT's optimized graph under out_dir and report the integer-kernel share of MatMul FLOPs: the target's
+    (top-level keys, `source` says whose) and this host's (`host`, when the target is not this host).
 
-    Raises PassError when `quantizing` and the share is 0: the build claimed a quantized model that runs in float.
+    The target's figure is this host's for a host target; for an Arm target it is aarch64 ORT's own optimized graph
+    under qemu when `edgecompress emulator setup` has been run (`emulated`), else profiling/fusion.py's documented
+    model of what Arm builds fuse (`modelled`). Raises PassError when `quantizing` and the target's share is 0: the
+    build claimed a quantized model that runs in float there.
     """
+    host = _host_kernels(model_path, out_dir, providers, dims, reference)
+    if target is None or target.host:
+        report = {**host, "source": "measured-on-host", "whose": "this host's ONNX Runtime (the target)"}
+    else:
+        report = {**_target_kernels(model_path, out_dir, dims, reference, target, host), "host": host}
+    log.info("integer-kernel share of MatMul FLOPs on %s: %.3f (%s)", report.get("target", "this host"),
+             report["integer_matmul_flops_share"], report["source"])
+    if quantizing and report["integer_matmul_gflops"] == 0:
+        raise PassError(
+            f"the quantized model runs no MatMul in an integer or 4-bit kernel on "
+            f"{report.get('target', ', '.join(host['providers']))} ({report['source']}: {report['by_op']})",
+            hint="ONNX Runtime folded the quantized ops back to float; try another recipe")
+    return report
+
+
+def _host_kernels(model_path: Path, out_dir: Path, providers: tuple[str, ...] | list[str], dims: dict[str, int],
+                  reference: onnx.ModelProto | None) -> dict[str, Any]:
     optimized, path, used, missing = save_optimized(model_path, out_dir, providers)
     share = kernel_share(optimized, dims, reference)
-    ops = sorted({n.op_type for n in optimized.graph.node if n.op_type in INTEGER_KERNELS})
-    report: dict[str, Any] = {
-        "integer_matmul_flops_share": round(share.share, 4),
-        "matmul_gflops": round(share.matmul_flops / 1e9, 4),
-        "integer_matmul_gflops": round(share.integer_flops / 1e9, 4),
-        "integer_kernels": ops,
+    report = _figures(share.share, share.matmul_flops, share.integer_flops, share.by_op, dims)
+    report.update({
         "fp16_matmul_flops_share": round(share.fp16_flops / share.matmul_flops, 4) if share.matmul_flops else 0.0,
-        "by_op": share.by_op,
-        "workload": dict(dims),
+        "machine": f"{platform.machine()} (this host)",
         "optimized_graph": f"{out_dir.name}/{path.name}",
         "providers": used,
         "graph_optimization_level": "all",
         "note": "ONNX Runtime's optimized graph for these providers, saved for inspection only (it may hold "
                 "hardware-specific ops): shares are of MatMul/Gemm FLOPs run by integer or 4-bit kernels there",
-    }
+    })
     if missing:
         report["providers_not_available_here"] = missing
         report["note"] += (f"; {', '.join(missing)} not available on this host, so this is the "
                            f"{', '.join(used)} graph, not the target's")
     if share.unsized:
         report["unsized_nodes"] = share.unsized
-    log.info("integer-kernel share of MatMul FLOPs: %.3f (%s)", share.share, ", ".join(ops) or "none")
-    if quantizing and share.integer_flops == 0:
-        raise PassError(
-            f"the quantized model runs no MatMul in an integer or 4-bit kernel on {', '.join(used)} "
-            f"(optimized graph: {share.by_op})",
-            hint="ONNX Runtime folded the quantized ops back to float; try another recipe")
     return report
+
+
+def _figures(share: float, total: float, integer: float, by_op: dict[str, dict[str, float]], dims: dict[str, int]
+             ) -> dict[str, Any]:
+    return {"integer_matmul_flops_share": round(share, 4), "matmul_gflops": round(total / 1e9, 4),
+            "integer_matmul_gflops": round(integer / 1e9, 4),
+            "integer_kernels": sorted(op for op in by_op if op in INTEGER_KERNELS), "by_op": by_op,
+            "workload": dict(dims)}
+
+
+def _target_kernels(model_path: Path, out_dir: Path, dims: dict[str, int], reference: onnx.ModelProto | None,
+                    target: Target, host: dict[str, Any]) -> dict[str, Any]:
+    from edgecompress.profiling.fusion import modelled_share, rules_for
+
+    base = {"target": target.name, "machine": f"{target.hardware.arch} ({target.hardware.cpu})"}
+    if not any(p in _CPU_PROVIDERS for p in target.runtime.providers):
+        return {**{k: v for k, v in host.items() if k in _FIGURE_KEYS}, **base, "source": "measured-on-host",
+                "whose": "this host's CPU graph: the target's providers "
+                         f"({', '.join(target.runtime.providers)}) are not modelled"}
+    if target.hardware.arch == "aarch64" and platform.machine() != "aarch64":
+        emulated = _emulated(model_path, out_dir, dims, reference, target)
+        if emulated is not None:
+            return {**emulated, **base}
+    model = reference if reference is not None else onnx.load(str(model_path), load_external_data=False)
+    rules = rules_for(target.hardware.arch, target.hardware.isa)
+    m = modelled_share(model, dims, rules)
+    return {**_figures(m.share, m.matmul_flops, m.integer_flops, m.by_op, dims), **base, "source": "modelled",
+            "whose": f"the target's ({rules.family} ONNX Runtime CPU provider), modelled from the deployable graph",
+            "method": rules.source, "isa": sorted(target.hardware.isa)}
+
+
+_CPU_PROVIDERS = ("CPUExecutionProvider", "XnnpackExecutionProvider", "NnapiExecutionProvider",
+                  "QNNExecutionProvider", "CoreMLExecutionProvider", "ACLExecutionProvider", "ArmNNExecutionProvider")
+_FIGURE_KEYS = ("integer_matmul_flops_share", "matmul_gflops", "integer_matmul_gflops", "integer_kernels", "by_op",
+                "workload")
+
+
+def _emulated(model_path: Path, out_dir: Path, dims: dict[str, int], reference: onnx.ModelProto | None,
+              target: Target) -> dict[str, Any] | None:
+    """aarch64 ORT's optimized graph under qemu with the target's CPU model, if the emulator is set up."""
+    from edgecompress.profiling import emulate
+
+    if emulate.Emulator(emulate.emulator_dir()).ready() is None or os.environ.get("EDGECOMPRESS_NO_EMULATION"):
+        return None
+    cpu = emulate.qemu_cpu(target)
+    dest = out_dir / "optimized-cpu-aarch64.onnx"
+    files = [model_path, *(p for p in model_path.parent.glob(model_path.name + ".*") if p.is_file())]
+    try:  # load only (no batches): ORT writes its optimized graph at session creation
+        emulate.run_in_emulator(files, [], cpu, optimized_to=dest)
+        optimized = onnx.load(str(dest), load_external_data=False)
+    except Exception as e:  # an emulator problem must not fail the build: the documented model stands in
+        log.warning("emulated kernel check failed (%s); using the documented model", e)
+        dest.unlink(missing_ok=True)
+        return None
+    share = kernel_share(optimized, dims, reference)
+    return {**_figures(share.share, share.matmul_flops, share.integer_flops, share.by_op, dims),
+            "source": "emulated", "qemu_cpu": cpu, "optimized_graph": f"{out_dir.name}/{dest.name}",
+            "whose": f"the target's: aarch64 ONNX Runtime under qemu-user ({cpu}), its own optimized graph"}
