@@ -37,7 +37,7 @@ test-arm: install
 	$(VENV)/bin/pytest -q -m arm
 
 lint: install
-	$(VENV)/bin/ruff check edgecompress tests benchmarks
+	$(VENV)/bin/ruff check edgecompress tests benchmarks examples
 
 typecheck: install
 	$(VENV)/bin/mypy edgecompress

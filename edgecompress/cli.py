@@ -220,6 +220,9 @@ def _print_verdict(manifest: Any) -> None:
         _print_search(console, manifest.search)
     console.print(f"bundle: {manifest.bundle_dir}  model.onnx {manifest.artifact.size_mb:.2f} MB  sha256 "
                   f"{manifest.artifact.sha256[:16]}…")
+    if mob := (manifest.bundle or {}).get("ort_mobile"):
+        console.print(f"ORT Mobile: {mob['file']} {mob['size_bytes'] / 1e6:.2f} MB, operator config "
+                      f"{mob['required_operators_and_types']}, provider coverage in report.html")
     if manifest.passed:
         console.print("[green]within every budget[/]")
     else:

@@ -85,6 +85,6 @@ def _from_reports(reports: list[dict[str, Any]]) -> tuple[dict[str, str], dict[s
                 if "kept" in key or "keep" in key:
                     floor = rep.get("fidelity_guard", {}).get("floor") if isinstance(rep.get("fidelity_guard"),
                                                                                       dict) else None
-                    kept[str(item["node"])] = (f"among the most sensitive: kept float to hold the fidelity floor"
-                                               f"{f' {floor}' if floor is not None else ''}")
+                    kept[str(item["node"])] = ("most sensitive; keeps the fidelity floor"
+                                               + (f" {floor}" if floor is not None else ""))
     return kept, sens

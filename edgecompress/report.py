@@ -176,7 +176,10 @@ def load_snippets(m: Manifest) -> list[tuple[str, str]]:
                     f'enc = tok.encode("some text")\n'
                     f'feed = {{"input_ids": np.array([enc.ids]), "attention_mask": np.array([enc.attention_mask]),\n'
                     f'        "token_type_ids": np.array([enc.type_ids])}}  # only the inputs the model has\n'
-                    f'hidden = sess.run(None, {{i.name: feed[i.name] for i in sess.get_inputs()}})[0]'))
+                    f'hidden = sess.run(None, {{i.name: feed[i.name] for i in sess.get_inputs()}})[0]\n'
+                    f'mask = feed["attention_mask"][..., None]  # mean pooling + Normalize (modules.json)\n'
+                    f'vec = (hidden * mask).sum(1) / mask.sum(1)\n'
+                    f'vec /= np.linalg.norm(vec, axis=1, keepdims=True)'))
     elif task == "text-classification":
         out.append(("optimum", f'from optimum.onnxruntime import ORTModelForSequenceClassification\n'
                                f'model = ORTModelForSequenceClassification.from_pretrained("{d}")'))
@@ -191,7 +194,7 @@ def load_snippets(m: Manifest) -> list[tuple[str, str]]:
                     f'print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))'))
     if bundle.get("ort_mobile"):
         out.append(("ORT Mobile (the app's runtime): the same API on the .ort file",
-                    f'sess = onnxruntime.InferenceSession("{d}/model.ort")'))
+                    f'sess = ort.InferenceSession("{d}/model.ort")'))
     return out
 
 
@@ -248,6 +251,7 @@ img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 code { background: #f6f8fa; padding: 0 .25em; border-radius: 3px; } .muted { color: #57606a; }
 pre.snippet { background: #f6f8fa; padding: .6em .8em; border-radius: 6px; overflow-x: auto; }
 pre.snippet code { padding: 0; } td { vertical-align: top; }
+#layers { font-size: .85em; } #layers td:first-child { word-break: break-all; }
 .kind { font-size: .8em; font-weight: 600; text-transform: uppercase; padding: 0 .4em; border-radius: 3px; }
 .kind.measured { background: #dafbe1; color: #1a7f37; } .kind.estimated { background: #fff8c5; color: #9a6700; }
 """
@@ -553,7 +557,7 @@ def _export_html(m: Manifest) -> list[str]:
             ["check against", _e(chk.get("reference", "PyTorch FP32"))],
             ["checked on", _e(f"{chk.get('texts')} {_counted(m)} on {chk.get('output')}")],
             ["max |Δ|", _e(f"{chk.get('max_abs_diff', 0):.2e} (tolerance {chk.get('atol', 0):g})")]]
-    return ["<h2>Export</h2>", *_table(["", ""], rows, table_id="export")]
+    return ["<h2>Export</h2>", *_table(["what", "value"], rows, table_id="export")]
 
 
 def _fidelity_html(m: Manifest) -> list[str]:

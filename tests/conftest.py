@@ -179,3 +179,33 @@ def minilm_phone_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("minilm-phone") / "bundle"
     edgecompress.build(target="phone-arm64", out=out, runs=5)
     return out
+
+
+CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                 "{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with a chat template and a generation config, as an instruct model's repo has them."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    path = tmp_path_factory.mktemp("chat-llama") / "src"
+    shutil.copytree(tiny_llama, path)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(path))
+    GenerationConfig(max_new_tokens=7, do_sample=True, temperature=0.2, top_p=0.9, bos_token_id=101,
+                     eos_token_id=102).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_llama_bundle(chat_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chat Llama built fp32 for the host: a decoder bundle in seconds."""
+    import edgecompress
+
+    out = tmp_path_factory.mktemp("chat-llama-bundle") / "bundle"
+    edgecompress.build(chat_llama, target="host", recipe="fp32", out=out, runs=2)
+    return out

@@ -7,7 +7,6 @@ Real clients only: sentence-transformers with its ONNX backend, optimum's ORTMod
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -147,40 +146,20 @@ def test_a_quantizing_recipe_with_no_integer_kernel_on_the_target_fails(tmp_path
     from edgecompress.targets import load_target
 
     save_model(matmul_model(), tmp_path / "m.onnx")
-    with pytest.raises(PassError, match="raspberry-pi-5.*modelled"):
+    with pytest.raises(PassError, match=r"raspberry-pi-5.*modelled"):
         inspect_kernels(tmp_path / "m.onnx", tmp_path / "d", ["CPUExecutionProvider"], {}, quantizing=True,
                         target=load_target("raspberry-pi-5"))
 
 
 # ------------------------------------------------------------------------------------------------- decoders
 
-CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-                 "{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def chat_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama with a chat template and a generation config, as an instruct model's repo has them."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    path = tmp_path_factory.mktemp("chat-llama") / "src"
-    shutil.copytree(tiny_llama, path)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(str(path))
-    GenerationConfig(max_new_tokens=7, do_sample=True, temperature=0.2, top_p=0.9, bos_token_id=101,
-                     eos_token_id=102).save_pretrained(str(path))
-    return path
-
-
 @pytest.mark.slow
-def test_decoder_bundle_carries_chat_template_and_generation_config(chat_llama: Path, tmp_path: Path) -> None:
+def test_decoder_bundle_carries_chat_template_and_generation_config(chat_llama: Path, chat_llama_bundle: Path
+                                                                    ) -> None:
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    out = tmp_path / "b"
-    edgecompress.build(chat_llama, target="host", recipe="fp32", out=out, runs=2)
+    out = chat_llama_bundle
     messages = [{"role": "user", "content": "hello there"}]
     src_tok, tok = AutoTokenizer.from_pretrained(str(chat_llama)), AutoTokenizer.from_pretrained(str(out))
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -206,3 +185,26 @@ def test_api_errors_name_api_arguments(tiny_bert: Path, tmp_path: Path) -> None:
         edgecompress.build(tiny_bert, target="host", out=out)
     assert "force=True" in e.value.one_line() and "--force" not in e.value.one_line()
     assert "--out" not in e.value.one_line()
+
+
+# ----------------------------------------------------------------- under Arm emulation (make test-arm, after setup)
+
+@pytest.mark.arm
+def test_emulated_kernel_share_is_arms_own_and_matches_the_model(tiny_bert: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from test_emulate import USER_EMULATOR_DIR
+
+    from edgecompress.profiling import emulate
+    from edgecompress.profiling.fusion import ARM, modelled_share
+
+    if emulate.Emulator(USER_EMULATOR_DIR).ready() is None or os.geteuid() != 0:
+        pytest.skip("run `edgecompress emulator setup` as root first (make test-arm does)")
+    monkeypatch.setenv("EDGECOMPRESS_EMULATOR_DIR", str(USER_EMULATOR_DIR))
+    m = edgecompress.build(tiny_bert, target="raspberry-pi-5", recipe="int8-static", out=tmp_path / "b", runs=2)
+    k = m.kernels
+    assert k["source"] == "emulated" and k["optimized_graph"] == "diagnostics/optimized-cpu-aarch64.onnx"
+    model = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    predicted = modelled_share(model, k["workload"], ARM).by_op
+    assert {op: v["nodes"] for op, v in k["by_op"].items()} == {op: v["nodes"] for op, v in predicted.items()}

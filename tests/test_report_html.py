@@ -176,7 +176,8 @@ def test_html_is_self_contained_and_escaped() -> None:
     assert [r[0] for r in kernels[1:]] == ["target phone-arm64", "this host"]
     assert kernels[1][1] == "modelled" and kernels[1][3] == "94.7%" and kernels[2][3] == "56.5%"
     assert doc.tables["providers"][1][:4] == ["NNAPI", "120/436 (27.5%)", "13", "NO"]
-    assert doc.tables["providers"][2][1] == "not assessed" and "MatMulIntegerToFloat ×28" in doc.tables["providers"][2][4]
+    qnn = doc.tables["providers"][2]
+    assert qnn[1] == "not assessed" and "MatMulIntegerToFloat ×28" in qnn[4]
     assert doc.tables["export"][-1][1].startswith("1.00e-05")
     passes = doc.tables["passes"]
     assert passes[0] == ["pass", "what it did", "skipped, and why", "seconds", "config"]
