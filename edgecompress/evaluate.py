@@ -93,14 +93,15 @@ def per_text_summary(task: str, reference: np.ndarray, candidate: np.ndarray, te
                      worst: int = 5, keep: int = 2000) -> dict[str, Any]:
     """Each text's score (cosine for embeddings, KL for classifiers) and the texts that fared worst, for the
     report's distribution; at most `keep` values are stored."""
-    if task == "feature-extraction":
-        values, name, worst_first = np.sum(reference * candidate, axis=1), "cosine", np.argsort
-    elif task == "text-classification":
+    if task == "feature-extraction":  # low cosine is worst
+        values, name = np.sum(reference * candidate, axis=1), "cosine"
+        order = np.argsort(values)[:worst]
+    elif task == "text-classification":  # high KL is worst
         p, q = _softmax(reference), _softmax(candidate)
         values = np.sum(p * (np.log(np.clip(p, 1e-12, None)) - np.log(np.clip(q, 1e-12, None))), axis=-1)
-        name, worst_first = "kl", lambda v: np.argsort(-v)
+        name = "kl"
+        order = np.argsort(-values)[:worst]
     else:
         return {}
-    order = worst_first(values)[:worst]
     return {"metric": name, "values": [round(float(v), 5) for v in values[:keep]],
             "worst": [{"text": str(texts[i])[:300], name: round(float(values[i]), 5)} for i in order]}

@@ -15,7 +15,7 @@ _WEIGHT_OPS = frozenset({"MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatM
 _PASS_THROUGH = frozenset({"DequantizeLinear", "Reshape", "Transpose", "Cast", "Squeeze", "Unsqueeze", "Identity",
                            "Mul"})
 _INT_ACTIVATION_OPS = frozenset({"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul"})
-_BITS = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.BFLOAT16: 16,
+_BITS: dict[int, int] = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.BFLOAT16: 16,
          onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
 _NAMES = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
 

@@ -113,7 +113,9 @@ def _config_ops(config: Path) -> dict[str, list[str]]:
 
 def _split_ops(s: str) -> list[str]:
     """Split 'A{"inputs": {"0": ["float"]}},B' at the commas outside braces."""
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in s:
         depth += ch == "{"
         depth -= ch == "}"

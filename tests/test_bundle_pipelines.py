@@ -208,3 +208,31 @@ def test_emulated_kernel_share_is_arms_own_and_matches_the_model(tiny_bert: Path
     model = onnx.load(str(tmp_path / "b" / "model.onnx"))
     predicted = modelled_share(model, k["workload"], ARM).by_op
     assert {op: v["nodes"] for op, v in k["by_op"].items()} == {op: v["nodes"] for op, v in predicted.items()}
+
+
+def test_sentence_transformers_files_are_copied_faithfully_and_safely(tmp_path: Path) -> None:
+    """An old-style repo keeps its Transformer in 0_Transformer/: the bundle points it at its root, where model.onnx
+    is; a module path that leaves the model dir is dropped, never followed."""
+    from edgecompress.bundle_files import copy_bundle_files
+
+    src, stage = tmp_path / "src", tmp_path / "stage"
+    (src / "0_Transformer").mkdir(parents=True)
+    (src / "1_Pooling").mkdir()
+    stage.mkdir()
+    (src / "0_Transformer" / "sentence_bert_config.json").write_text('{"max_seq_length": 128}')
+    (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "key").write_text("x")
+    (src / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "../secret", "type": "sentence_transformers.models.Dense"},
+        {"idx": 3, "name": "3", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    out = copy_bundle_files(tmp_path / "no-export", src, stage)
+    modules = json.loads((stage / "modules.json").read_text())
+    assert [m["path"] for m in modules] == ["", "1_Pooling", "2_Normalize"]
+    assert json.loads((stage / "sentence_bert_config.json").read_text()) == {"max_seq_length": 128}
+    assert (stage / "2_Normalize").is_dir() and not (stage / "secret").exists()
+    assert out["sentence_transformers"] == {"modules": ["Transformer", "Pooling", "Normalize"],
+                                            "max_seq_length": 128, "pooling": ["cls_token"], "normalize": True}
+    assert not copy_bundle_files(tmp_path / "no-export", tmp_path / "secret", stage).get("sentence_transformers")
