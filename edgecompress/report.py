@@ -93,6 +93,9 @@ def render_markdown(m: Manifest) -> str:
             "| metric | value |", "|---|---|"]
     out += [f"| {k} | {_num(v)} |" for k, v in fid["metrics"].items()]
     out += [f"- note: {n}" for n in fid.get("notes", [])]
+    if (per := fid.get("per_text") or {}).get("worst"):
+        out += ["", f"Worst texts ({per['metric']}):", ""]
+        out += [f"- {w[per['metric']]:.4f}: {w['text']}" for w in per["worst"]]
     exp = m.export
     out += ["", "## Export", "",
             f"optimum {m.tool.get('optimum-onnx', '?')} (opset {exp['opset']}, task `{exp['task']}`), "

@@ -236,3 +236,43 @@ def test_sentence_transformers_files_are_copied_faithfully_and_safely(tmp_path: 
     assert out["sentence_transformers"] == {"modules": ["Transformer", "Pooling", "Normalize"],
                                             "max_seq_length": 128, "pooling": ["cls_token"], "normalize": True}
     assert not copy_bundle_files(tmp_path / "no-export", tmp_path / "secret", stage).get("sentence_transformers")
+
+
+def test_emulated_figure_is_read_from_the_graph_the_emulator_saved(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plumbing of the emulated path, with this host's runner standing in for qemu at the transport boundary
+    (the real aarch64 run is the `arm` test above): the target's figure comes from the graph the run saved."""
+    import subprocess
+    import sys
+
+    from conftest import matmul_model
+
+    from edgecompress.model import save_model
+    from edgecompress.profiling import emulate
+    from edgecompress.profiling.kernels import inspect_kernels
+    from edgecompress.targets import load_target
+
+    calls: list[str] = []
+
+    def fake_run(files: list[Path], batches: list, cpu: str, *, optimized_to: Path, **_: object) -> tuple:
+        calls.append(cpu)
+        spec = tmp_path / "spec.json"
+        np.savez(tmp_path / "in.npz")
+        spec.write_text(json.dumps({"mode": "fidelity", "model": str(files[0]), "batches": str(tmp_path / "in.npz"),
+                                    "n_batches": len(batches), "outputs": str(tmp_path / "out.npz"), "threads": 1,
+                                    "optimized_model_path": str(optimized_to)}))
+        subprocess.run([sys.executable, str(emulate.RUNNER), str(spec)], check=True, capture_output=True)
+        return {"ok": True}, [], {}
+
+    monkeypatch.setattr(emulate.Emulator, "ready", lambda self: {"machine": "aarch64"})
+    monkeypatch.setattr(emulate, "run_in_emulator", fake_run)
+    save_model(matmul_model(), tmp_path / "m.onnx")
+    k = inspect_kernels(tmp_path / "m.onnx", tmp_path / "d", ["CPUExecutionProvider"], {}, quantizing=False,
+                        target=load_target("raspberry-pi-5"))
+    assert calls == ["cortex-a76"] and k["source"] == "emulated" and k["qemu_cpu"] == "cortex-a76"
+    assert (tmp_path / "d" / "optimized-cpu-aarch64.onnx").is_file()
+    assert k["by_op"] == {"MatMul": {"nodes": 1, "gflops": k["by_op"]["MatMul"]["gflops"]}} and k["host"]["by_op"]
+    monkeypatch.setenv("EDGECOMPRESS_NO_EMULATION", "1")  # opt out: the documented model
+    k = inspect_kernels(tmp_path / "m.onnx", tmp_path / "e", ["CPUExecutionProvider"], {}, quantizing=False,
+                        target=load_target("raspberry-pi-5"))
+    assert k["source"] == "modelled" and calls == ["cortex-a76"]
