@@ -174,7 +174,7 @@ def inspect_kernels(model_path: Path, out_dir: Path, providers: tuple[str, ...] 
         report = {**_target_kernels(model_path, out_dir, dims, reference, target, host), "host": host}
     log.info("integer-kernel share of MatMul FLOPs on %s: %.3f (%s)", report.get("target", "this host"),
              report["integer_matmul_flops_share"], report["source"])
-    if quantizing and report["integer_matmul_gflops"] == 0:
+    if quantizing and not any(op in INTEGER_KERNELS and v["nodes"] for op, v in report["by_op"].items()):
         raise PassError(
             f"the quantized model runs no MatMul in an integer or 4-bit kernel on "
             f"{report.get('target', ', '.join(host['providers']))} ({report['source']}: {report['by_op']})",
