@@ -276,3 +276,33 @@ def test_emulated_figure_is_read_from_the_graph_the_emulator_saved(tmp_path: Pat
     k = inspect_kernels(tmp_path / "m.onnx", tmp_path / "e", ["CPUExecutionProvider"], {}, quantizing=False,
                         target=load_target("raspberry-pi-5"))
     assert k["source"] == "modelled" and calls == ["cortex-a76"]
+
+
+def test_package_option_in_target_files_is_validated(tmp_path: Path) -> None:
+    from conftest import REPO
+
+    from edgecompress.errors import ConfigError
+    from edgecompress.targets import load_target
+
+    assert load_target("phone-arm64").runtime.package == "ort-mobile"
+    assert load_target("raspberry-pi-5").runtime.package is None
+    bad = tmp_path / "phone-arm64.toml"
+    bad.write_text((REPO / "targets" / "phone-arm64.toml").read_text().replace('package = "ort-mobile"',
+                                                                                 'package = "apk"'))
+    with pytest.raises(ConfigError, match=r"runtime\.package"):
+        load_target(bad)
+
+
+@pytest.mark.slow
+def test_package_none_skips_the_phone_default(tiny_bert: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgecompress.cli import main
+
+    out = tmp_path / "b"
+    r = CliRunner().invoke(main, ["build", str(tiny_bert), "--target", "phone-arm64", "--recipe", "fp32", "--out",
+                                  str(out), "--package", "none", "--runs", "2"], catch_exceptions=False)
+    assert r.exit_code in (0, 3), r.output
+    assert not (out / "model.ort").exists() and "ort_mobile" not in Manifest.load(out / "manifest.json").bundle
+    r = CliRunner().invoke(main, ["build", str(tiny_bert), "--target", "host", "--package", "apk"])
+    assert r.exit_code == 2 and "apk" in r.output
