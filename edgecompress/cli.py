@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from edgecompress.errors import EdgeCompressError
+from edgecompress.errors import describe_failure
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,18 +27,40 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _run(fn: Callable[[], int | None], debug: bool) -> None:
-    """Run a command body: typed errors become one line on stderr and their exit code."""
+    """Run a command body: every exception becomes one line on stderr and a documented exit code
+    (errors.describe_failure); the traceback only with --debug."""
     try:
         code = fn() or 0
-    except EdgeCompressError as e:
-        if debug:
+    except (SystemExit, click.ClickException):  # click's own usage errors: _OneLineErrors prints them
+        raise
+    except BaseException as e:
+        if debug and not isinstance(e, KeyboardInterrupt):
             raise
-        click.echo(f"error: {e.one_line()}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted: nothing was written", err=True)
-        sys.exit(130)
+        line, exit_code = describe_failure(e)
+        click.echo(f"error: {line}", err=True)
+        sys.exit(exit_code)
     sys.exit(code)
+
+
+class _OneLineErrors(click.Group):
+    """click's usage errors as one line (`error: ... (see `edgecompress CMD -h`)`), like every other error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f" (see `{ctx.command_path} -h`)" if ctx is not None else ""
+            click.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted: nothing was written", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _console(stderr: bool = False) -> Any:
@@ -47,7 +69,7 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, soft_wrap=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="edgecompress")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each step does (on stderr).")
 @click.pass_context
@@ -117,7 +139,6 @@ def _recipe_options(flags: dict[str, Any]) -> Any:
 @click.option("--task", help="Task to export for (default: inferred from config.json), e.g. feature-extraction.")
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1),
               help="Timed runs when profiling on this host.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow models that need code from their repo.")
 @click.option("--max-size-mb", type=click.FloatRange(min=0, min_open=True), help="Override the size budget (MB).")
 @click.option("--max-ram-mb", type=click.FloatRange(min=0, min_open=True), help="Override the peak RAM budget (MB).")
 @click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
@@ -134,15 +155,16 @@ def _recipe_options(flags: dict[str, Any]) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def build(model: Path | None, target: str, recipe: str | None, out: Path | None, calibration: Path | None,
-          eval_file: Path | None, text_column: str | None, task: str | None, runs: int, trust_remote_code: bool,
+          eval_file: Path | None, text_column: str | None, task: str | None, runs: int,
           max_size_mb: float | None, max_ram_mb: float | None, max_latency_ms: float | None,
           min_fidelity: float | None, max_candidates: int | None, time_budget: float | None, keep_best: bool,
           no_cache: bool, force: bool, as_json: bool, debug: bool, **recipe_flags: Any) -> None:
     """Export MODEL, compress it with a recipe, measure it, check the target's budgets, write a bundle.
 
     MODEL is a local Hugging Face model directory or an .onnx file; without it, the bundled all-MiniLM-L6-v2.
-    Exit codes: 0 within every budget, 3 a budget failed (bundle still written), 2 usage error,
-    1 other error, 130 interrupted. Nothing is written on 1, 2 or 130.
+    Exit codes: 0 within every budget, 3 a budget failed (bundle still written), 2 usage error, 1 other error,
+    4 the system refused (disk full, permission denied, out of memory), 5 another build is writing --out,
+    130 interrupted. Nothing is written on 1, 2, 4, 5 or 130. --force replaces only an edgecompress bundle.
 
     \b
     Examples:
@@ -162,7 +184,7 @@ def build(model: Path | None, target: str, recipe: str | None, out: Path | None,
     def options() -> BuildOptions:
         return BuildOptions(model=model, target=target, recipe=recipe, out=out, calibration=calibration,
                             eval=eval_file, text_column=text_column, task=task, force=force,
-                            trust_remote_code=trust_remote_code, runs=runs, cache=not no_cache,
+                            runs=runs, cache=not no_cache,
                             budgets={k: v for k, v in (("max_size_mb", max_size_mb), ("max_peak_ram_mb", max_ram_mb),
                                                        ("max_latency_p90_ms", max_latency_ms)) if v is not None},
                             min_fidelity=min_fidelity, recipe_options=_recipe_options(recipe_flags))
@@ -360,7 +382,8 @@ def cache_info(as_json: bool) -> None:
 
 @cache.command("clear")
 def cache_clear() -> None:
-    """Remove every cache entry (the Arm emulator root, an installed tool, is kept).
+    """Remove every cache entry edgecompress wrote (it never removes anything else; the Arm emulator root, an
+    installed tool, is kept).
 
     \b
     Example:
@@ -370,10 +393,16 @@ def cache_clear() -> None:
 
     def body() -> int:
         c = Cache()
+        before = c.info()
         n = c.clear()
-        click.echo(f"removed {n} entries from {c.root}")
+        click.echo(f"removed {n} entries ({before.total_bytes / 1e6:.1f} MB) from {c.root}")
         for d in c.kept():
             click.echo(f"kept {d} (the Arm emulator, not a cache entry; delete it by hand to remove it)")
+        left = c.info().other
+        if left:
+            shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            click.echo(f"left {len(left)} item{'s' if len(left) != 1 else ''} that edgecompress did not write: "
+                       f"{shown}")
         return 0
 
     _run(body, False)
@@ -581,8 +610,10 @@ def profile_cmd(bundle_dir: Path, target: str, device: str | None, runs: int, em
        3  a budget failed                  12  device unreachable (refused, timeout, DNS)
        2  usage error (bad option/target)  13  device authentication failed
        1  profiler failure                 14  device host key unknown or mismatched
-      10  not a bundle (no manifest.json   15  device lacks python/numpy/onnxruntime
-          or model)                       130  interrupted
+       4  system refused (disk, memory)    15  device lacks python/numpy/onnxruntime
+      10  not a bundle (no manifest.json   16  verification failed: a file the manifest names is
+          or model)                            outside the bundle or does not match its sha256
+                                          130  interrupted
 
     \b
     Examples:
