@@ -237,6 +237,8 @@ class Cache:
             other += [p for p in self.root.iterdir() if p.name not in KEPT and p.name != _ROOT_TAG
                       and not (p.is_dir() and not p.is_symlink() and p.name.isidentifier())]
         for kind_dir in self._kind_dirs():
+            if not any(kind_dir.iterdir()):
+                other.append(kind_dir)
             for shard in sorted(kind_dir.iterdir()):
                 if shard.is_symlink() or not shard.is_dir() or len(shard.name) != 2:
                     other.append(shard)

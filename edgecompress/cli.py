@@ -63,6 +63,26 @@ class _OneLineErrors(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+class _FinitePositive(click.ParamType):
+    """A finite number > 0: click's FloatRange lets nan and inf through."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        import math
+
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(f) or f <= 0:
+            self.fail(f"{value!r} is not a finite number > 0", param, ctx)
+        return f
+
+
+FINITE_POSITIVE = _FinitePositive()
+
+
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
@@ -146,7 +166,7 @@ def _recipe_options(flags: dict[str, Any]) -> Any:
 @click.option("--min-fidelity", type=float, help="Override the floor of the task's primary fidelity metric "
               "(cosine_mean for embeddings, top1_agreement for classifiers).")
 @click.option("--max-candidates", type=click.IntRange(min=1), help="--recipe auto: build at most this many.")
-@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True),
+@click.option("--time-budget", type=FINITE_POSITIVE,
               help="--recipe auto: stop building candidates after this many seconds.")
 @click.option("--keep-best", is_flag=True, help="--recipe auto: write the closest bundle even if nothing fits.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the build cache (see `edgecompress cache`).")
@@ -586,9 +606,9 @@ def _print_emulation(r: dict[str, Any]) -> None:
 @click.option("-i", "--identity", multiple=True, type=click.Path(path_type=Path),
               help="Private key for --device (repeatable) [default: ~/.ssh/id_* and ssh-agent].")
 @click.option("--remote-python", default="python3", show_default=True, help="Python on the device.")
-@click.option("--connect-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--connect-timeout", default=10.0, show_default=True, type=FINITE_POSITIVE,
               help="Seconds to wait for the device's SSH login.")
-@click.option("--run-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--run-timeout", default=600.0, show_default=True, type=FINITE_POSITIVE,
               help="Seconds the run on the device may take before it is killed.")
 @click.option("--update", is_flag=True, help="Write the new profile and budgets into the bundle's manifest.json "
               "and report.md (atomically; the bundle must be for this target).")

@@ -243,7 +243,7 @@ def _decoder_budgets(path: Path, table: dict[str, Any]) -> dict[str, float]:
             raise ConfigError(f"malformed target file {path}: unknown key 'budgets.decoder.{key}'{hint}",
                               hint=f"allowed keys here: {', '.join(_DECODER_BUDGETS)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise _bad(path, f"budgets.decoder.{key}", "a finite positive number", value)
+            raise _bad(path, f"budgets.decoder.{key}", "a positive number", value)
         out[key] = float(value)
     return out
 
