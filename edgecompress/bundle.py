@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from edgecompress.errors import OutputError
-from edgecompress.locks import dead_owner, locked
+from edgecompress.locks import dead_owner, in_flight, locked
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class StagedDir:
             recover_leftovers(self.out)
             check_out_dir(self.out, self.force, self.protect)  # again, under the lock
             self.path.mkdir()
+            in_flight(self.path)
         except BaseException:
             stack.close()
             self._remove_created_parents()
@@ -183,6 +184,7 @@ class StagedDir:
         try:
             if not self._committed:
                 shutil.rmtree(self.path, ignore_errors=True)
+            in_flight(self.path, False)
         finally:
             if self._lock is not None:
                 self._lock.close()

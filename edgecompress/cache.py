@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecompress.errors import ConfigError
-from edgecompress.locks import dead_owner, locked
+from edgecompress.locks import dead_owner, in_flight, locked
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,11 @@ class Cache:
         """Create the entry by calling fill(tmp_dir); rename into place only if fill returns.
 
         Under the key's lock: a concurrent writer of the same key waits and then uses the entry written first."""
+        return self._put(kind, key, fill, meta)[0]
+
+    def _put(self, kind: str, key: str, fill: Callable[[Path], None], meta: dict[str, Any] | None
+             ) -> tuple[Path, bool]:
+        """(entry, whether fill ran here): False when a concurrent writer finished it while we waited."""
         entry = self._entry(kind, key)
         try:
             self._ensure_root()
@@ -171,11 +176,12 @@ class Cache:
                               hint="set EDGECOMPRESS_CACHE_DIR to a writable directory, or pass --no-cache") from None
         with locked(entry.parent / f".{key}.lock", wait=True, what=f"cache entry {kind}/{key[:12]}"):
             if self._valid(entry):  # a concurrent writer finished it while we waited
-                return entry
+                return entry, False
             if entry.exists():  # an incomplete leftover of an older version
                 self._remove(entry)
             tmp = entry.parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
+            in_flight(tmp)
             try:
                 (tmp / _MARKER).write_text(f"{kind}\n")
                 fill(tmp)
@@ -186,7 +192,9 @@ class Cache:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        return entry
+            finally:
+                in_flight(tmp, False)
+        return entry, True
 
     def _ensure_root(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -204,7 +212,8 @@ class Cache:
         hit = self.get(kind, key)
         if hit is not None:
             return hit, True
-        return self.put(kind, key, fill, meta), False
+        entry, filled = self._put(kind, key, fill, meta)
+        return entry, not filled  # written by a concurrent build while we waited: use it as a hit
 
     # --- what is ours under the root -------------------------------------------------------------------------
     def _kind_dirs(self) -> list[Path]:

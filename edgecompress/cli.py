@@ -19,11 +19,48 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_BUDGET_FAILED = 3
 
 
+_TERM_WATCH: list[bool] = []
+
+
 def _interrupt_on_sigterm() -> None:
+    """SIGTERM is Ctrl-C (KeyboardInterrupt: everything half-written is removed on the way out). Python runs that
+    handler only when the main thread returns to the interpreter, so a long call into C (ONNX Runtime, BLAS) would
+    defer it: a watchdog thread, woken by the signal itself through the wakeup fd, gives the main thread
+    EDGECOMPRESS_TERM_GRACE_S (10 s) to unwind, then removes what this process is writing and exits 130."""
+
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    if _TERM_WATCH:
+        return
+    import os
+    import threading
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: the plain handler is all we can do
+        return
+    _TERM_WATCH.append(True)
+    grace = float(os.environ.get("EDGECOMPRESS_TERM_GRACE_S", "10"))
+
+    def watch() -> None:
+        import time
+
+        from edgecompress.locks import remove_in_flight
+
+        while True:
+            got = os.read(r, 64)
+            if signal.SIGTERM in got:
+                time.sleep(grace)
+                remove_in_flight()
+                os.write(2, b"error: interrupted (SIGTERM): did not stop within the grace period; "
+                            b"what it was writing was removed\n")
+                os._exit(130)
+
+    threading.Thread(target=watch, name="edgecompress-sigterm", daemon=True).start()
 
 
 def _run(fn: Callable[[], int | None], debug: bool) -> None:

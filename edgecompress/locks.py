@@ -19,6 +19,26 @@ from pathlib import Path
 
 from edgecompress.errors import BusyError
 
+# What this process is writing right now (staged bundles, cache temp entries, lock files): removed by
+# `remove_in_flight` when the process must exit without unwinding (cli's SIGTERM watchdog).
+_IN_FLIGHT: set[Path] = set()
+
+
+def in_flight(path: Path, active: bool = True) -> None:
+    (_IN_FLIGHT.add if active else _IN_FLIGHT.discard)(path)
+
+
+def remove_in_flight() -> None:
+    import shutil
+
+    for p in list(_IN_FLIGHT):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    _IN_FLIGHT.clear()
+
 
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists on this host (a pid we may not signal still exists)."""
@@ -68,6 +88,7 @@ def locked(path: Path, *, wait: bool, what: str, timeout_s: float | None = None)
             os.close(fd)
             raise
         os.close(fd)  # the holder removed the file after we opened it: lock the new one
+    in_flight(path)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -75,6 +96,7 @@ def locked(path: Path, *, wait: bool, what: str, timeout_s: float | None = None)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        in_flight(path, False)
         os.close(fd)
 
 

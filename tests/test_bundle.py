@@ -119,7 +119,7 @@ def test_a_second_writer_of_one_out_fails_at_once(tmp_path: Path) -> None:
     from edgecompress.errors import BusyError
 
     out = tmp_path / "bundle"
-    with StagedDir(out, force=False):
-        with pytest.raises(BusyError, match=f"pid {os.getpid()}"), StagedDir(out, force=False):
-            pass
+    with StagedDir(out, force=False), pytest.raises(BusyError, match=f"pid {os.getpid()}"), \
+            StagedDir(out, force=False):
+        pass
     assert list(tmp_path.iterdir()) == []
