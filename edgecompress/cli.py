@@ -82,7 +82,7 @@ def _run(fn: Callable[[], int | None], debug: bool) -> None:
 class _OneLineErrors(click.Group):
     """click's usage errors as one line (`error: ... (see `edgecompress CMD -h`)`), like every other error."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         try:
             rv = super().main(*args, **kwargs)

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -160,6 +161,11 @@ def inspect_onnx_file(path: Path, task: str | None) -> ModelInfo:
         raise ModelError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0] if str(e) else e}") from None
     if not m.graph.output:
         raise ModelError(f"{path} has no graph outputs")
+    for inp in m.graph.input:  # fixed dims are fed as declared: refuse what no machine could allocate
+        dims = [d.dim_value for d in inp.type.tensor_type.shape.dim if d.HasField("dim_value")]
+        if any(d < 0 for d in dims) or math.prod(dims) > 2**29:
+            raise ModelError(f"{path}: input '{inp.name}' declares shape {dims}, too large to feed",
+                             hint="give the model symbolic (dynamic) batch and sequence dimensions")
     from edgecompress.model import UnsafeExternalData, artifact_files
 
     try:  # before anything reads the weights: every external-data file inside the model's dir, a regular file

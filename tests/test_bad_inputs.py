@@ -99,6 +99,16 @@ def _model_with_external(tmp: Path, location: str) -> str:
     return str(p)
 
 
+def _huge_input_model(tmp: Path) -> str:
+    m = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[1000000000, 4096] X) => (float[1000000000, 4096] Y) { Y = Relu(X) }
+    """)
+    p = tmp / "huge.onnx"
+    onnx.save(m, str(p))
+    return str(p)
+
+
 def _remote_code_model(tmp: Path) -> str:
     d = tmp / "remote"
     d.mkdir()
@@ -177,6 +187,7 @@ BUILD_CASES: list[tuple[str, int, str, Callable[[Path, str], list[str]]]] = [
      lambda t, m: [_model_with_external(t, "/etc/passwd")]),
     ("model-external-data-fifo", 2, "not a regular file",
      lambda t, m: [_model_with_external(t, Path(_fifo(t, "w.bin")).name)]),
+    ("model-huge-declared-dim", 2, "too large to feed", lambda t, m: [_huge_input_model(t)]),
     ("model-remote-code", 2, "does not run", lambda t, m: [_remote_code_model(t)]),
     ("out-is-a-file", 2, "is a file", lambda t, m: [m, "--out", _file(t, "f", b"keep"), "--force"]),
     ("out-exists-no-force", 2, "already exists", lambda t, m: [m, "--out", _user_dir(t)]),
@@ -280,6 +291,8 @@ PROFILE_CASES: list[tuple[str, int, str, Callable[[Path], Any], list[str]]] = [
      lambda b: _edit_manifest(b, lambda m: m["artifact"].update(sha256="nope")), []),
     ("manifest-not-json", 10, "not a readable manifest", lambda b: (b / "manifest.json").write_text("{"), []),
     ("manifest-a-list", 10, "not a JSON object", lambda b: _edit_manifest(b, lambda m: [m]), []),
+    ("manifest-fidelity-a-string", 10, "'fidelity' must be a JSON object",
+     lambda b: _edit_manifest(b, lambda m: m.update(fidelity="great")), []),
     ("manifest-fifo", 10, "has no manifest.json", _manifest_fifo, []),
     ("model-missing", 10, "has no model.onnx", lambda b: (b / "model.onnx").unlink(), []),
     ("update-on-tampered", 16, "does not match", lambda b: _flip_byte(b / "model.onnx"), ["--update"]),

@@ -176,6 +176,11 @@ def read_bundle(bundle: Path) -> tuple[dict[str, Any], Path]:
         raise BundleError(f"not a bundle: {mpath} is not a readable manifest ({e})", hint=hint) from None
     if not isinstance(manifest, dict):
         raise BundleError(f"not a bundle: {mpath} is not a JSON object", hint=hint)
+    for key, kind in (("source", dict), ("target", dict), ("recipe", dict), ("fidelity", dict), ("profile", dict),
+                      ("budgets", list)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise BundleError(f"malformed manifest {mpath}: '{key}' must be a JSON "
+                              f"{'object' if kind is dict else 'array'}", hint=hint)
     return manifest, verify_bundle(bundle, manifest)
 
 
