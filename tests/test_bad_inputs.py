@@ -619,3 +619,19 @@ hashlib.pbkdf2_hmac("sha256", b"p", b"s", 10**9)
     assert proc.returncode == 130 and time.monotonic() - t0 < 10
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: interrupted (SIGTERM)"), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dead_processes_profiler_dirs_and_cgroups_are_collected(tmp_path: Path) -> None:
+    """Named by pid: only those of dead processes go; a live process's (ours) and anything else stay."""
+    from edgecompress.profiling.local import collect_stale_cgroups, collect_stale_temp_dirs
+
+    dead = _dead_pid()
+    stale = [tmp_path / f"edgecompress-prof-{dead}-x1y2z3", tmp_path / f"edgecompress-{dead}-0123abcd"]
+    kept = [tmp_path / f"edgecompress-prof-{os.getpid()}-abc", tmp_path / f"edgecompress-{os.getpid()}-89abcdef",
+            tmp_path / "edgecompress-prof-notes", tmp_path / "mine"]
+    for d in stale + kept:
+        d.mkdir()
+    (stale[0] / "spec.json").write_text("{}")
+    assert collect_stale_temp_dirs(tmp_path) == [stale[0]]
+    assert collect_stale_cgroups(tmp_path) == [stale[1]]
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
