@@ -426,12 +426,16 @@ def cache_info(as_json: bool) -> None:
     def body() -> int:
         info = Cache().info()
         if as_json:
-            click.echo(json.dumps({"root": info.root, "entries": info.entries, "bytes": info.bytes}, indent=2))
+            click.echo(json.dumps({"root": info.root, "entries": info.entries, "bytes": info.bytes,
+                                   "other": info.other}, indent=2))
             return 0
         click.echo(f"cache: {info.root}")
         for kind in sorted(info.entries):
             click.echo(f"  {kind:10s} {info.entries[kind]:5d} entries  {info.bytes[kind] / 1e6:10.1f} MB")
         click.echo(f"  total      {sum(info.entries.values()):5d} entries  {info.total_bytes / 1e6:10.1f} MB")
+        if info.other:
+            click.echo(f"  and {len(info.other)} item{'s' if len(info.other) != 1 else ''} edgecompress did not write "
+                       "(`cache clear` leaves them)")
         return 0
 
     _run(body, False)

@@ -485,6 +485,8 @@ def test_a_user_dir_as_cache_root_survives_cache_clear(tiny_onnx: Path, tmp_path
     r = _invoke(["build", str(tiny_onnx), "--target", "host", "--recipe", "int8-dynamic", "--out",
                  str(tmp_path / "out"), "--runs", "1"], env=env)
     assert r.exit_code == 0, r.output
+    r = _invoke(["cache", "info"], env=env)
+    assert r.exit_code == 0 and "3 items edgecompress did not write" in r.stdout, r.output
     r = _invoke(["cache", "clear"], env=env)
     assert r.exit_code == 0, r.output
     assert "removed 3 entries" in r.stdout, r.stdout  # export, reference, the pass
@@ -635,3 +637,19 @@ def test_dead_processes_profiler_dirs_and_cgroups_are_collected(tmp_path: Path) 
     assert collect_stale_temp_dirs(tmp_path) == [stale[0]]
     assert collect_stale_cgroups(tmp_path) == [stale[1]]
     assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
+def test_a_full_disk_is_one_line_exit_4(tiny_onnx: Path, tmp_path: Path) -> None:
+    """A real ENOSPC: --out on a 40 KiB tmpfs (needs the right to mount, as root in CI; skipped elsewhere)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        r = _invoke(["build", str(tiny_onnx), "--target", "host", "--recipe", "fp32", "--out", str(small / "b"),
+                     "--runs", "1", "--no-cache"])
+        _assert_one_line(r, 4, "out of disk space")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
