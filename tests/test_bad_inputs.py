@@ -323,23 +323,22 @@ def test_profile_refuses(case: str, code: int, needle: str, tamper: Callable[[Pa
     assert listing(tmp_path) == before
 
 
-def test_emulator_run_verifies_before_anything(bundle: Path, tmp_path: Path) -> None:
-    """`emulator run` reads the bundle through the same verification (here the emulator is not set up, which is
-    checked first; with it set up the tampered file is refused: tests/test_emulate.py)."""
-    from edgecompress.errors import BundleTampered
-    from edgecompress.profiling import read_bundle
-
+@pytest.mark.parametrize(("case", "code", "needle", "tamper", "extra"), PROFILE_CASES[:12],
+                         ids=[c[0] for c in PROFILE_CASES[:12]])
+def test_emulator_run_verifies_before_anything(case: str, code: int, needle: str, tamper: Callable[[Path], Any],
+                                               extra: list[str], bundle: Path, tmp_path: Path) -> None:
+    """`emulator run` verifies the bundle as `profile` does, before it even looks for the emulator."""
     b = tmp_path / "b"
-    shutil.copytree(bundle, b)
-    _flip_byte(b / "model.onnx")
-    with pytest.raises(BundleTampered):
-        read_bundle(b)
+    shutil.copytree(bundle, b, symlinks=True)
+    tamper(b)
     before = listing(tmp_path)
-    for args, code, needle in ((["emulator", "run", str(b), "--target", "raspberry-pi-5", "--texts", "0"], 2,
-                                "--texts"),
-                               (["emulator", "run", str(b), "--target", "nope"], 2, "unknown target")):
-        _assert_one_line(_invoke(args), code, needle)
+    _assert_one_line(_invoke(["emulator", "run", str(b), "--target", "raspberry-pi-5"]), code, needle)
     assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize(("args", "needle"), [(["--texts", "0"], "--texts"), (["--target", "nope"], "unknown target")])
+def test_emulator_run_refuses_bad_flags(args: list[str], needle: str, bundle: Path) -> None:
+    _assert_one_line(_invoke(["emulator", "run", str(bundle), "--target", "raspberry-pi-5", *args]), 2, needle)
 
 
 # --- targets, sweep, cache ----------------------------------------------------------------------------------------

@@ -350,11 +350,11 @@ def emulate_bundle(bundle_dir: Path | str, target: str | Path | Target, *, max_t
     bundle = Path(bundle_dir)
     tgt = target if isinstance(target, Target) else load_target(target)
     cpu = qemu_cpu(tgt)
-    if Emulator(emulator_dir()).ready() is None:  # before any heavy work
-        raise UsageError("the Arm emulator is not set up", hint=SETUP_HINT)
     from edgecompress.profiling import read_bundle
 
     manifest, model_path = read_bundle(bundle)  # every file the manifest names verified (exit 10 / 16)
+    if Emulator(emulator_dir()).ready() is None:  # before any heavy work
+        raise UsageError("the Arm emulator is not set up", hint=SETUP_HINT)
     task = (manifest.get("source") or {}).get("task")
     if task not in export.SUPPORTED_TASKS:
         raise UsageError(f"{bundle}: its manifest names no task edgecompress can emulate ({task!r})")
