@@ -363,6 +363,7 @@ OTHER_CASES: list[tuple[str, int, str, Callable[[Path], list[str]]]] = [
     ("sweep-bad-eval", 2, "NUL byte",
      lambda t: ["sweep", "--out", str(t / "s"), "--targets", "host", "--eval", _file(t, "e.txt", b"a\x00")]),
     ("sweep-out-is-file", 2, "is a file", lambda t: ["sweep", "--out", _file(t, "f", b"keep")]),
+    ("sweep-out-user-dir", 2, "no sweep wrote", lambda t: ["sweep", "--out", _user_dir(t), "--targets", "host"]),
     ("sweep-no-models", 2, "no models", lambda t: ["sweep", "--out", str(t / "s"), "--models", ","]),
     ("cache-unknown-command", 2, "No such command", lambda t: ["cache", "purge"]),
 ]

@@ -174,6 +174,7 @@ def sweep(models: list[str | None], targets: list[str], recipes: list[str], out:
         raise UsageError(f"--out {out} is a file, not a directory", hint="choose a directory path")
     check_sweep_inputs(models, targets, recipes, executor=executor, workers=workers, runs=runs,
                        eval_file=eval_file, calibration=calibration, text_column=text_column)
+    check_sweep_out(out)
     t0 = time.perf_counter()
     jobs = plan_jobs(models, targets, recipes, out, runs=runs, eval_file=eval_file, calibration=calibration,
                      text_column=text_column)
@@ -190,6 +191,7 @@ def sweep(models: list[str | None], targets: list[str], recipes: list[str], out:
             v = library_versions()
             ex.check_versions({"edgecompress": v["edgecompress"], "onnxruntime": v["onnxruntime"]})
         out.mkdir(parents=True, exist_ok=True)
+        (out / SWEEP_MARKER).touch()
         started: dict[str, float] = {}
         for spec in jobs:
             base = JobResult(spec.name, spec.model_name, spec.target, spec.recipe, status="")
@@ -209,6 +211,21 @@ def sweep(models: list[str | None], targets: list[str], recipes: list[str], out:
     results.sort(key=lambda r: (r.model, r.target, r.recipe))
     files = write_results(out, results)
     return SweepResult(str(out), ex.name, results, time.perf_counter() - t0, files)
+
+
+SWEEP_MARKER = ".edgecompress-sweep"  # written into --out: a sweep resumes there and rewrites its results files
+
+
+def check_sweep_out(out: Path) -> None:
+    """A sweep writes results.csv, summary.md, plots and one bundle per job into --out: only into a new or empty
+    directory or one a sweep made (its marker, or results.json from an older version), never over a user's files."""
+    if out.is_symlink():
+        raise UsageError(f"--out {out} is a symlink", hint="give the directory itself")
+    if not out.is_dir() or (out / SWEEP_MARKER).is_file() or (out / "results.json").is_file():
+        return
+    if any(out.iterdir()):
+        raise UsageError(f"--out {out} is a non-empty directory that no sweep wrote",
+                         hint="give a new or empty directory, or the --out of an earlier sweep to resume it")
 
 
 def check_sweep_inputs(models: list[str | None], targets: list[str], recipes: list[str], *, executor: str,
