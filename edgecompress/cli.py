@@ -582,6 +582,9 @@ def emulator_setup(force: bool, mirror: str | None, debug: bool) -> None:
 def emulator_run(bundle: Path, target: str, texts: int, as_json: bool, debug: bool) -> None:
     """Run BUNDLE under Arm emulation: does it load, which ops, fidelity with Arm's kernels vs this host's.
 
+    The bundle is verified first, as by `profile`: exit 10 not a bundle, 16 a file outside it or not matching its
+    sha256; 2 usage error (emulator not set up), 1 it does not run.
+
     \b
     Example:
       edgecompress emulator run build/all-MiniLM-L6-v2-raspberry-pi-5 --target raspberry-pi-5
