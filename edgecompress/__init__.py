@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 
+def _path(value: Any) -> Any:
+    return Path(value) if isinstance(value, (str, Path)) and value != "" else value
+
+
 def build(
     model: str | Path | None = None,
     *,
@@ -62,7 +66,6 @@ def build(
     text_column: str | None = None,
     task: str | None = None,
     force: bool = False,
-    trust_remote_code: bool = False,
     runs: int = 30,
     cache: bool = True,
     package: str | None = None,
@@ -78,23 +81,22 @@ def build(
     from edgecompress.pipeline import build as _build
     from edgecompress.recipes import RecipeOptions
 
+    # values of the wrong type pass through unconverted, so that pipeline.plan refuses them as the CLI would
     opts = BuildOptions(
-        model=Path(model) if model is not None else None, target=target, recipe=recipe,
-        out=Path(out) if out is not None else None,
-        calibration=Path(calibration) if calibration is not None else None,
-        eval=Path(eval) if eval is not None else None, text_column=text_column, task=task, force=force,
-        trust_remote_code=trust_remote_code, runs=runs, cache=cache, recipe_options=RecipeOptions(**recipe_options),
-        package=package,
+        model=_path(model), target=target, recipe=recipe, out=_path(out), calibration=_path(calibration),
+        eval=_path(eval), text_column=text_column, task=task, force=force, runs=runs, cache=cache,
+        recipe_options=RecipeOptions(**recipe_options), package=package,
     )
     try:
         return _build(opts, progress)
-    except EdgeCompressError as e:
-        if "--" not in e.message and "--" not in (e.hint or ""):
-            raise
-        raise type(e)(api_words(e.message), api_words(e.hint) if e.hint else None) from e
+    except EdgeCompressError as e:  # the same error, in this function's words (force=True, not --force)
+        e.message = api_words(e.message)
+        e.hint = api_words(e.hint) if e.hint else e.hint
+        e.args = (e.message, *e.args[1:])
+        raise
 
 
-_API_BOOL_FLAGS = {"force": "force=True", "trust_remote_code": "trust_remote_code=True", "no_cache": "cache=False"}
+_API_BOOL_FLAGS = {"force": "force=True", "no_cache": "cache=False"}
 
 
 def api_words(text: str) -> str:
