@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from edgecompress import budget, export, steps
+from edgecompress import budget, export, genai, steps
 from edgecompress.bundle import StagedDir, check_out_dir
 from edgecompress.cache import Cache, digest, hash_texts
 from edgecompress.calibration import TextSet, builtin_texts, load_texts
@@ -41,7 +41,7 @@ BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
 # Files of an optimum export dir that make the bundle load like any HF ONNX model dir.
 _SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model",
-               "added_tokens.json", "generation_config.json")
+               "added_tokens.json", "generation_config.json", *genai.BUNDLE_FILES)
 
 
 # MODEL names that mean a model shipped by a package rather than a path
@@ -164,7 +164,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     cache = Cache(enabled=opts.cache)
 
     t0 = time.perf_counter()
-    exported = steps.run_export(cache, p.model_dir, info, work / "export", progress)
+    # decoders the fast path covers export with ORT GenAI's model builder (edgecompress/genai); else optimum
+    exporter, exporter_why = genai.choose_exporter(info.task, info.architecture, [ps.name for ps in p.recipe.passes])
+    exported = steps.run_export(cache, p.model_dir, info, work / "export", progress, exporter=exporter)
     exp = exported.result
     timings["export"] = time.perf_counter() - t0
 
@@ -186,6 +188,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     for name in _SIDE_FILES:
         if (exp.onnx_path.parent / name).is_file():
             shutil.copy2(exp.onnx_path.parent / name, stage / name)
+
+    genai_bundle = genai.finalize_bundle(stage, target.workload.context_length, target.runtime.threads) \
+        if info.task == genai.DECODER_TASK else None
 
     # Proof that it runs quantized: ORT's optimized graph goes to diagnostics/, and a quantizing recipe whose
     # MatMuls all run in float kernels there fails the build (PassError: nothing written).
@@ -222,7 +227,11 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
         recipe={**p.recipe.describe(), "passes": pass_records},
         export={"task": info.task, "opset": exp.opset, "seconds": exp.seconds, "check": check.as_dict(),
                 "exporter": ("none (ONNX given)" if info.task == export.ONNX_TASK
+                             else "onnxruntime_genai.models.builder" if exp.exporter == "genai"
                              else "optimum.exporters.onnx.main_export"),
+                **({"path": "fast" if exp.exporter == "genai" else "fallback", "path_why": exporter_why,
+                    "graph": exp.details, "genai_bundle": genai_bundle}
+                   if info.task == genai.DECODER_TASK else {}),
                 "cached": exported.cached},
         fidelity=fidelity.as_dict(),
         profile=profile,
