@@ -26,8 +26,8 @@ from edgecompress.genai.export import (
     genai_version,
 )
 
-__all__ = ["BUNDLE_FILES", "DECODER_TASK", "FAST_PATH_ARCHITECTURES", "FAST_PATH_PASSES", "GENAI_EXTRA_HINT", "available", "choose_exporter",
-           "export_genai", "finalize_bundle", "genai_version"]
+__all__ = ["BUNDLE_FILES", "DECODER_TASK", "FAST_PATH_ARCHITECTURES", "FAST_PATH_PASSES", "GENAI_EXTRA_HINT",
+           "available", "choose_exporter", "export_genai", "finalize_bundle", "genai_version"]
 
 
 def available() -> bool:
