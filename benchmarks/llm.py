@@ -32,7 +32,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-WIKI = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+# shared/ sits beside the checkout (CI, the main checkout); EDGECOMPRESS_WIKITEXT names the file elsewhere
+WIKI = Path(os.environ.get("EDGECOMPRESS_WIKITEXT") or REPO.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw")
 WINDOW = 512
 PROMPT, NEW_TOKENS, CONTEXT = 128, 64, 2048
 CODEBOOK_MB = 110.0
