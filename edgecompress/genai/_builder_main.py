@@ -27,7 +27,7 @@ def _bridge_transformers_4() -> None:
     import onnxruntime_genai.models as models
 
     sys.path.insert(0, os.path.dirname(models.__file__))  # the builder imports its siblings as top-level modules
-    from builders import base  # type: ignore[import-not-found]
+    from builders import base
 
     original = base.Model.make_config_init
 
