@@ -47,10 +47,11 @@ def run_export(cache: Cache, model_path: Path, info: ModelInfo, scratch: Path, p
     spec: dict[str, Any] = {"step": "export", "source": source_fingerprint(model_path), "task": info.task,
                             "versions": cache_versions()}
     if exporter == "genai":
-        from edgecompress import genai
+        from edgecompress.genai.export import BUILDER_OPTIONS, genai_version
+        from edgecompress.genai.graph import LAYOUT
 
-        spec["exporter"] = {"name": "genai", "onnxruntime-genai": genai.genai_version(),
-                            "options": list(genai.export.BUILDER_OPTIONS)}
+        spec["exporter"] = {"name": "genai", "onnxruntime-genai": genai_version(), "options": list(BUILDER_OPTIONS),
+                            "layout": LAYOUT}
     key = digest(spec)
 
     def fill(d: Path) -> None:

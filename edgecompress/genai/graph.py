@@ -1,10 +1,11 @@
 """The ORT GenAI builder's graph, made readable by edgecompress's decoder passes.
 
-The builder ties a shared embedding the other way round from optimum: lm_head's MatMul owns the initializer
-([hidden, vocab]) and the embedding Gather reads Transpose(that). The decoder passes (passes/decoder.py) recognise
-optimum's layout, Gather(embed, input_ids) with lm_head = MatMul(x, Transpose(embed)), and quantize it once (the
-Gather decodes lm_head's blocks). `optimum_tied_layout` rewrites the first layout into the second: the same
-weights, exactly (a transpose), so the passes can be used by import, unchanged.
+The builder ties a shared embedding through the graph: lm_head's MatMul owns the initializer W ([hidden, vocab])
+and the embedding Gather reads Transpose(W), which ORT folds at load into a second, transposed copy in RAM. optimum
+writes the same two tensors as initializers (lm_head's W and the embedding E = W.T), and the decoder passes
+(passes/decoder.py) recognise that layout as tied ("copy") and quantize it once (the Gather decodes lm_head's
+blocks). `optimum_tied_layout` writes the builder's graph that way: the same weights, exactly, and what the file
+holds is what ORT holds in RAM, so the passes and the memory estimate read it as they read optimum's export.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 EMBED_NAME = "model.embed_tokens.weight"
+LAYOUT = "embedding and lm_head as two initializers (optimum's tied 'copy' layout)"
 
 
 def optimum_tied_layout(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Gather(Transpose(W), input_ids) + MatMul(x, W) -> Gather(E, input_ids) + MatMul(x, Transpose(E)), E = W.T.
+    """Gather(Transpose(W), input_ids) with lm_head = MatMul(x, W) -> Gather(E, input_ids), E = W.T an initializer.
 
     Returns the model unchanged (and says why) when the graph does not tie its embedding that way."""
     inits = {i.name: i for i in model.graph.initializer}
@@ -29,7 +31,7 @@ def optimum_tied_layout(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[s
     if gather is None:
         return model, {"rewritten": False, "why": "no Gather reads input_ids"}
     if gather.input[0] in inits:
-        return model, {"rewritten": False, "why": "the embedding Gather reads its own initializer (untied)"}
+        return model, {"rewritten": False, "why": "the embedding Gather reads its own initializer already"}
     tr = producers.get(gather.input[0])
     if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits:
         return model, {"rewritten": False, "why": "the embedding is not a Transpose of an initializer"}
@@ -40,29 +42,17 @@ def optimum_tied_layout(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[s
     out = onnx.ModelProto()
     out.CopyFrom(model)
     w = numpy_helper.to_array(inits[w_name])
-    embed = numpy_helper.from_array(np.ascontiguousarray(w.T), EMBED_NAME)
-    transposed = f"{EMBED_NAME}.T"
-    for node in out.graph.node:
-        if node.op_type == "Transpose" and list(node.input) == [w_name]:
-            node.input[0] = EMBED_NAME  # Transpose(E) = W: it now feeds lm_head
-            del node.output[:]
-            node.output.append(transposed)
-        elif node.op_type == "Gather" and node.output[0] == gather.output[0]:
+    transposed = tr.output[0]
+    nodes = [n for n in out.graph.node if not (n.op_type == "Transpose" and list(n.output) == [transposed])]
+    for node in nodes:
+        if node.op_type == "Gather" and node.output[0] == gather.output[0]:
             node.input[0] = EMBED_NAME
-        elif node.op_type == "MatMul" and node.output[0] == heads[0].output[0]:
-            node.input[1] = transposed
-    kept = [i for i in out.graph.initializer if i.name != w_name]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend([embed, *kept])
-    # the Transpose must run before lm_head: it sits where the Gather read it, which is earlier; keep order sorted
-    nodes = list(out.graph.node)
-    t_idx = next(i for i, n in enumerate(nodes) if n.op_type == "Transpose" and n.output[0] == transposed)
-    g_idx = next(i for i, n in enumerate(nodes) if n.op_type == "Gather" and n.output[0] == gather.output[0])
-    if t_idx > g_idx:
-        nodes.insert(g_idx, nodes.pop(t_idx))
+    if any(transposed in n.input for n in nodes):
+        return model, {"rewritten": False, "why": "the transposed weight has other readers"}
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    return out, {"rewritten": True, "embedding": EMBED_NAME, "from": w_name}
+    out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), EMBED_NAME))
+    return out, {"rewritten": True, "embedding": EMBED_NAME, "lm_head": w_name, "layout": LAYOUT}
 
 
 def static_kv_head_dim(model: onnx.ModelProto, head_size: int) -> int:
@@ -86,4 +76,4 @@ def has_node(model: onnx.ModelProto, op_type: str) -> bool:
     return any(n.op_type == op_type for n in model.graph.node)
 
 
-__all__ = ["EMBED_NAME", "has_node", "helper", "optimum_tied_layout"]
+__all__ = ["EMBED_NAME", "LAYOUT", "has_node", "optimum_tied_layout", "static_kv_head_dim"]
