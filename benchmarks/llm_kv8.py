@@ -33,7 +33,7 @@ WIKI = Path(os.environ.get("EDGECOMPRESS_WIKITEXT") or REPO.parent / "shared" / 
 CONTEXT = 2048
 
 _RUN = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 import onnxruntime_genai as og
 d, ids_file = sys.argv[1], sys.argv[2]
@@ -52,8 +52,10 @@ for i in range(len(ids) - 1):
     lg = np.array(g.get_output("logits"), dtype=np.float64).reshape(-1)
     mx = lg.max()
     nll.append(mx + np.log(np.exp(lg - mx).sum()) - lg[ids[i + 1]])
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork + exec (a child would report its parent's peak)
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")) / 1024
 print(json.dumps({"nll_mean": float(np.mean(nll)), "tokens": len(nll), "ms_per_token": float(np.median(steps) * 1e3),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": hwm}))
 """
 
 
