@@ -289,7 +289,7 @@ def goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's goal row, one thread on SmolLM2: the fast path against ORT GenAI's int4 default and FP32.
     Decode and prefill through the runtime each graph is meant for: ORT GenAI's Generator for both GenAI graphs."""
     by = {r["variant"]: r for r in rows}
-    ours, theirs, fp32 = by[FAST], by[GENAI_DEFAULT], by[FP32]
+    ours, theirs = by[FAST], by[GENAI_DEFAULT]
     ours_tok = ours["genai_runtime"]["1"]["decode_tok_s"]
     theirs_tok = theirs["genai_runtime"]["1"]["decode_tok_s"]
     checks = {
@@ -301,9 +301,7 @@ def goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "peak RSS <= GenAI's (GenAI runtime, 1 thread)": (
             ours["genai_runtime"]["1"]["peak_rss_mb"] / theirs["genai_runtime"]["1"]["peak_rss_mb"],
             ours["genai_runtime"]["1"]["peak_rss_mb"] <= theirs["genai_runtime"]["1"]["peak_rss_mb"]),
-        "prefill faster than FP32 (GenAI runtime vs FP32 plain ORT, 1 thread)": (
-            ours["genai_runtime"]["1"]["ttft_ms"] / fp32["prefill_ms_t1"],
-            ours["genai_runtime"]["1"]["ttft_ms"] < fp32["prefill_ms_t1"]),
+        # FP32 (optimum's graph) runs in plain ORT only: the prefill comparison stays within one runtime and run
         "prefill faster than FP32 (plain ORT, 1 thread)": (ours["prefill_vs_fp32_t1"],
                                                            ours["prefill_vs_fp32_t1"] < 1.0),
     }
