@@ -216,6 +216,9 @@ def _print_verdict(manifest: Any) -> None:
         _print_search(console, manifest.search)
     console.print(f"bundle: {manifest.bundle_dir}  model.onnx {manifest.artifact.size_mb:.2f} MB  sha256 "
                   f"{manifest.artifact.sha256[:16]}…")
+    if manifest.export.get("path"):  # decoders: which export path the build took (edgecompress/genai)
+        console.print(f"decoder export: {manifest.export['path']} path ({manifest.export['path_why']})"
+                      + ("; runs in onnxruntime_genai as is" if manifest.export.get("genai_bundle") else ""))
     if manifest.passed:
         console.print("[green]within every budget[/]")
     else:
