@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # --index-url https://download.pytorch.org/whl/cpu (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast test-arm lint typecheck clean bench-sweep bench-quant bench-int8-latency bench-estimate bench-llm bench-compress bench-prune
+.PHONY: install demo test test-fast test-arm lint typecheck clean bench-sweep bench-quant bench-int8-latency bench-estimate bench-llm bench-llm-kv8 bench-compress bench-prune
 
 install: $(STAMP)
 
@@ -62,6 +62,9 @@ bench-int8-latency: install
 
 bench-llm: install
 	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/llm.py
+
+bench-llm-kv8: install
+	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/llm_kv8.py
 
 bench-compress: install
 	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/compression.py

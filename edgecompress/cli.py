@@ -302,6 +302,9 @@ def _print_verdict(manifest: Any) -> None:
     if mob := (manifest.bundle or {}).get("ort_mobile"):
         console.print(f"ORT Mobile: {mob['file']} {mob['size_bytes'] / 1e6:.2f} MB, operator config "
                       f"{mob['required_operators_and_types']}, provider coverage in report.html")
+    if manifest.export.get("path"):  # decoders: which export path the build took (edgecompress/genai)
+        console.print(f"decoder export: {manifest.export['path']} path ({manifest.export['path_why']})"
+                      + ("; runs in onnxruntime_genai as is" if manifest.export.get("genai_bundle") else ""))
     if manifest.passed:
         console.print("[green]within every budget[/]")
     else:

@@ -183,6 +183,9 @@ class ExportResult:
     seconds: float
     output_name: str
     files: list[str] = field(default_factory=list)
+    # "optimum" or "genai" (the decoder fast path: ORT GenAI's model builder, edgecompress/genai), and its details
+    exporter: str = "optimum"
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def export_onnx(model_dir: Path, info: ModelInfo, out_dir: Path, opset: int | None = None) -> ExportResult:

@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from edgecompress import budget, export, steps
+from edgecompress import budget, export, genai, steps
 from edgecompress.bundle import StagedDir, check_out_dir, hash_bundle_files
 from edgecompress.bundle_files import bundle_section, copy_bundle_files
 from edgecompress.cache import Cache, digest, hash_texts
@@ -177,7 +177,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     cache = Cache(enabled=opts.cache)
 
     t0 = time.perf_counter()
-    exported = steps.run_export(cache, p.model_dir, info, work / "export", progress)
+    # decoders the fast path covers export with ORT GenAI's model builder (edgecompress/genai); else optimum
+    exporter, exporter_why = genai.choose_exporter(info.task, info.architecture, [ps.name for ps in p.recipe.passes])
+    exported = steps.run_export(cache, p.model_dir, info, work / "export", progress, exporter=exporter)
     exp = exported.result
     timings["export"] = time.perf_counter() - t0
 
@@ -198,6 +200,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     save_model(model, model_path)
     # config, tokenizer, chat template, generation config, the sentence-transformers pipeline (bundle_files.py)
     side_files = copy_bundle_files(exp.onnx_path.parent, p.model_dir if p.model_dir.is_dir() else None, stage)
+
+    genai_bundle = genai.finalize_bundle(stage, target.workload.context_length, target.runtime.threads) \
+        if info.task == genai.DECODER_TASK else None
 
     # Proof that it runs quantized: ORT's optimized graph goes to diagnostics/, and a quantizing recipe whose
     # MatMuls all run in float kernels there fails the build (PassError: nothing written).
@@ -248,7 +253,11 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
                 "layers": layer_table(model, [r["report"] for r in pass_records])},
         export={"task": info.task, "opset": exp.opset, "seconds": exp.seconds, "check": check.as_dict(),
                 "exporter": ("none (ONNX given)" if info.task == export.ONNX_TASK
+                             else "onnxruntime_genai.models.builder" if exp.exporter == "genai"
                              else "optimum.exporters.onnx.main_export"),
+                **({"path": "fast" if exp.exporter == "genai" else "fallback", "path_why": exporter_why,
+                    "graph": exp.details, "genai_bundle": genai_bundle}
+                   if info.task == genai.DECODER_TASK else {}),
                 "cached": exported.cached},
         fidelity=fidelity.as_dict(),
         profile=profile,

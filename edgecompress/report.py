@@ -98,7 +98,11 @@ def render_markdown(m: Manifest) -> str:
         out += [f"- {w[per['metric']]:.4f}: {w['text']}" for w in per["worst"]]
     exp = m.export
     out += ["", "## Export", "",
-            f"optimum {m.tool.get('optimum-onnx', '?')} (opset {exp['opset']}, task `{exp['task']}`), "
+            (f"ORT GenAI's model builder ({exp['graph'].get('builder', '?')}; the decoder fast path: "
+             f"{exp['graph'].get('nodes', '?')} nodes, GroupQueryAttention)" if exp.get("path") == "fast"
+             else f"optimum {m.tool.get('optimum-onnx', '?')}" + (f" (fallback: {exp['path_why']})"
+                                                                   if exp.get("path") == "fallback" else ""))
+            + f" (opset {exp['opset']}, task `{exp['task']}`), "
             f"{exp['seconds']:.1f} s. Check against PyTorch FP32 on {exp['check']['texts']} {_counted(m)}: max |Δ| "
             f"{exp['check']['max_abs_diff']:.2e} on `{exp['check']['output']}` (tolerance {exp['check']['atol']:g}).",
             "", "## Profile", ""]

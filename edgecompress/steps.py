@@ -41,21 +41,41 @@ class ExportStep:
     cached: bool
 
 
-def run_export(cache: Cache, model_path: Path, info: ModelInfo, scratch: Path, progress: Progress) -> ExportStep:
-    key = digest({"step": "export", "source": source_fingerprint(model_path), "task": info.task,
-                  "versions": cache_versions()})
+def run_export(cache: Cache, model_path: Path, info: ModelInfo, scratch: Path, progress: Progress,
+               exporter: str = "optimum") -> ExportStep:
+    """exporter: "optimum", or "genai" for the decoder fast path (edgecompress/genai: ORT GenAI's model builder)."""
+    spec: dict[str, Any] = {"step": "export", "source": source_fingerprint(model_path), "task": info.task,
+                            "versions": cache_versions()}
+    if exporter == "genai":
+        from edgecompress.genai.export import BUILDER_OPTIONS, genai_version
+        from edgecompress.genai.graph import LAYOUT
+
+        spec["exporter"] = {"name": "genai", "onnxruntime-genai": genai_version(), "options": list(BUILDER_OPTIONS),
+                            "layout": LAYOUT}
+    key = digest(spec)
 
     def fill(d: Path) -> None:
-        res = export.export_onnx(model_path, info, d)
-        (d / "export.json").write_text(json.dumps({"task": res.task, "opset": res.opset, "seconds": res.seconds,
-                                                   "output_name": res.output_name}))
+        details: dict[str, Any] = {}
+        if exporter == "genai":
+            from edgecompress import genai
 
-    with progress.step("export (optimum)"):
+            details = genai.export_genai(model_path, d)
+            opset, seconds, output_name = details.pop("opset"), details.pop("seconds"), "logits"
+        else:
+            res = export.export_onnx(model_path, info, d)
+            opset, seconds, output_name = res.opset, res.seconds, res.output_name
+        (d / "export.json").write_text(json.dumps({"task": info.task, "opset": opset, "seconds": seconds,
+                                                   "output_name": output_name, "exporter": exporter,
+                                                   "details": details}))
+
+    label = "export (ORT GenAI model builder: fused decoder graph)" if exporter == "genai" else "export (optimum)"
+    with progress.step(label):
         entry, hit = cache.materialize("export", key, fill, scratch)
     meta = json.loads((entry / "export.json").read_text())
     res = export.ExportResult(onnx_path=entry / "model.onnx", task=meta["task"], opset=meta["opset"],
                               seconds=meta["seconds"], output_name=meta["output_name"],
-                              files=sorted(p.name for p in entry.iterdir() if not p.name.startswith(".")))
+                              files=sorted(p.name for p in entry.iterdir() if not p.name.startswith(".")),
+                              exporter=meta.get("exporter", "optimum"), details=meta.get("details", {}))
     return ExportStep(res, key, hit)
 
 
