@@ -66,14 +66,20 @@ def build(
     runs: int = 30,
     cache: bool = True,
     progress: Progress | None = None,
+    max_candidates: int | None = None,
+    time_budget_s: float | None = None,
+    keep_best: bool = False,
     **recipe_options: Any,
 ) -> Manifest:
     """Same as `edgecompress build`: returns the Manifest; raises EdgeCompressError subclasses.
 
+    Recipe knobs are keyword arguments named as the flags without dashes (codebook_bits=3), validated by the same
+    declarations as the flags (a knob the recipe does not read is a ConfigError). `recipe="auto"` searches
+    (max_candidates, time_budget_s, keep_best as --max-candidates, --time-budget, --keep-best).
     A failed budget is not an exception: check `manifest.passed` / `manifest.failed_budgets`.
     """
+    from edgecompress.api import build_bundle
     from edgecompress.pipeline import BuildOptions
-    from edgecompress.pipeline import build as _build
     from edgecompress.recipes import RecipeOptions
 
     opts = BuildOptions(
@@ -83,4 +89,5 @@ def build(
         eval=Path(eval) if eval is not None else None, text_column=text_column, task=task, force=force,
         trust_remote_code=trust_remote_code, runs=runs, cache=cache, recipe_options=RecipeOptions(**recipe_options),
     )
-    return _build(opts, progress)
+    return build_bundle(opts, progress, max_candidates=max_candidates, time_budget_s=time_budget_s,
+                        keep_best=keep_best)

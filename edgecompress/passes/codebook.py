@@ -32,6 +32,7 @@ and int8 in memory, and run at the float rate.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,13 +42,25 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgecompress.errors import ConfigError, PassError
 from edgecompress.graph import GraphIndex, op_histogram
+from edgecompress.isa import no_dynamic_int8_on_gpu
 from edgecompress.passes import ort_quant
-from edgecompress.passes.base import Pass, PassContext, PassResult
+from edgecompress.passes.base import ModelInfo, Pass, PassContext, PassResult, Skip, WeightBytes, register, skips
+from edgecompress.passes.capture import Capture, token_rows
+from edgecompress.passes.options import Option, option, validate_config
+from edgecompress.targets import Target
+from edgecompress.tasknames import ENCODER_TASKS
 
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("tensor", "channel")
-BASES = ("dynamic", "per-token")
+BASES = ("per-token", "dynamic")
+CODEBOOK_BITS = Option("codebook_bits", "codebook: bits per weight index, 2..8.", int, low=2, high=8)
+CODEBOOK_GRANULARITY = Option("codebook_granularity", "codebook: one codebook per tensor or per output channel.",
+                              choices=GRANULARITIES)
+CODEBOOK_KEEP_FLOAT = Option("codebook_keep_float", "codebook: the N MatMuls most sensitive to activation "
+                             "quantization keep float activations (slower).", int, low=0)
+CODEBOOK_BASE = Option("codebook_base", "codebook: the int8 graph under it, per-token activation scales or ORT "
+                       "dynamic int8.", choices=BASES)
 MIN_OPSET = 18  # BitwiseAnd / BitwiseOr
 _NBINS = 255  # int8 grid -127..127 (symmetric, as ORT's per-channel weights)
 # Bytes a decoded tensor adds beyond its indices and codebook (node protos, small initializers): ~0.6-1.5 KB.
@@ -57,8 +70,8 @@ _SLACK_BYTES = 16 * 1024  # the node bytes per tensor are estimated: stay this f
 
 @dataclass(frozen=True)
 class CodebookConfig:
-    bits: int = 4
-    granularity: str = "channel"
+    bits: int = option(4, CODEBOOK_BITS)
+    granularity: str = option("channel", CODEBOOK_GRANULARITY)
     # Spend the target's size budget on more bits for the most sensitive tensors (bits stays the floor).
     mixed: bool = True
     # most bits a sensitive tensor may get; None: bits + 2 (at most 8)
@@ -80,7 +93,7 @@ class CodebookConfig:
     # 0.9900 (15 MB: 0.9884 -> 0.9926), at ~1.4x int8-dynamic's b8 latency on the dev host.
     # Not built on int8-mixed's smoothing: that lifts int8 (0.9927 -> 0.9946) but makes the output ~4x more
     # sensitive to a coded embedding (4 bits: -0.009 vs -0.0024), a net loss under a size budget.
-    keep_float: int = 0
+    keep_float: int = option(0, CODEBOOK_KEEP_FLOAT)
     # Mixed bits: weigh each tensor's error by its measured effect on the model output (the float model with that
     # tensor alone coded at the floor, on this many calibration batches; 0: per-tensor errors as they are). Per
     # unit of relative error, MiniLM's FFN weights move the output 3-10x more than attention's, so the plain
@@ -92,18 +105,10 @@ class CodebookConfig:
     # "per-token" quantizes each token's activations with its own scale (passes/quantize_int8.per_token_int8,
     # standard MatMulInteger), which removes most of the run-time activation error (MiniLM: the int8 graph
     # 0.9927 -> 0.9971) at ~1.0-1.05x the speed, so the budget goes to the weights.
-    base: str = "per-token"
+    base: str = option("per-token", CODEBOOK_BASE)
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise ConfigError(f"--codebook-bits must be between 2 and 8, got {self.bits}")
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"unknown --codebook-granularity '{self.granularity}'",
-                              hint=f"use {'|'.join(GRANULARITIES)}")
-        if self.base not in BASES:
-            raise ConfigError(f"unknown codebook base '{self.base}'", hint=f"use {'|'.join(BASES)}")
-        if self.keep_float < 0:
-            raise ConfigError(f"codebook keep_float must be >= 0, got {self.keep_float}")
+        validate_config(self, "codebook")
         if self.max_bits is not None and not self.bits <= self.max_bits <= 8:
             raise ConfigError(f"codebook max_bits must be in [{self.bits}, 8], got {self.max_bits}")
 
@@ -340,7 +345,7 @@ class _Site:
 
 
 def _find_sites(fp32: onnx.ModelProto, q: onnx.ModelProto, cfg: CodebookConfig,
-                skipped: list[dict[str, str]]) -> list[_Site]:
+                skipped: list[Skip]) -> list[_Site]:
     fidx, qidx = GraphIndex(fp32), GraphIndex(q)
     # activation feeding each fp32 MatMul weight
     act_of = {n.input[1]: n.input[0] for n in fidx.nodes("MatMul") if fidx.is_initializer(n.input[1])}
@@ -349,19 +354,19 @@ def _find_sites(fp32: onnx.ModelProto, q: onnx.ModelProto, cfg: CodebookConfig,
         wq = node.input[1]
         base = wq.removesuffix("_quantized").removesuffix("__pt_w8")  # ORT dynamic | per_token_int8
         if not qidx.is_initializer(wq) or base not in act_of or not fidx.is_initializer(base):
-            skipped.append({"tensor": wq, "reason": "weight is not an initializer of a float MatMul"})
+            skipped.append(Skip(wq, "weight is not an initializer of a float MatMul"))
             continue
         w = fidx.array(base).astype(np.float32)
         if w.ndim != 2 or w.size < cfg.min_elements:
-            skipped.append({"tensor": base, "reason": f"{w.size} elements (< {cfg.min_elements}) or not 2-D"})
+            skipped.append(Skip(base, f"{w.size} elements (< {cfg.min_elements}) or not 2-D"))
             continue
         scale = f"{wq}_scale" if wq.endswith("__pt_w8") else f"{base}_scale"
         zp = node.input[3] if len(node.input) > 3 else ""
         if not qidx.is_initializer(scale) or len(qidx.consumers[scale]) != 1:
-            skipped.append({"tensor": base, "reason": "its scale is not a private initializer"})
+            skipped.append(Skip(base, "its scale is not a private initializer"))
             continue
         if zp and np.any(qidx.array(zp) != 0):
-            skipped.append({"tensor": base, "reason": "asymmetric weight (non-zero zero point)"})
+            skipped.append(Skip(base, "asymmetric weight (non-zero zero point)"))
             continue
         sites.append(_Site("matmul", wq, scale, zp, w, base, activation=act_of[base]))
     # MatMuls that keep float activations (keep_float, or int8-mixed's kept nodes): int8 weight -> DequantizeLinear
@@ -382,8 +387,8 @@ def _find_sites(fp32: onnx.ModelProto, q: onnx.ModelProto, cfg: CodebookConfig,
         if (w.ndim != 2 or w.size < cfg.min_elements or qidx.array(wq).shape != w.shape or axis not in (1, -1)
                 or qidx.array(scale).shape != (w.shape[1],) or len(qidx.consumers[wq]) != 1
                 or len(qidx.consumers[scale]) != 1 or (zp and np.any(qidx.array(zp) != 0))):
-            skipped.append({"tensor": fnode.input[1], "reason": "float-activation weight is not a private, "
-                                                                "symmetric, per-column int8 initializer"})
+            skipped.append(Skip(fnode.input[1], "float-activation weight is not a private, symmetric, per-column "
+                                                 "int8 initializer"))
             continue
         sites.append(_Site("matmul", wq, scale, zp, w, fnode.input[1], activation=fnode.input[0]))
     for node in qidx.nodes("Gather"):
@@ -394,11 +399,11 @@ def _find_sites(fp32: onnx.ModelProto, q: onnx.ModelProto, cfg: CodebookConfig,
         w = fidx.array(base).astype(np.float32)
         deq = [c for c in qidx.consumers[node.output[0]] if c.op_type == "DequantizeLinear"]
         if w.ndim != 2 or w.size < cfg.min_gather_elements:
-            skipped.append({"tensor": base, "reason": f"Gather table of {w.size} elements is left int8 "
-                                                      f"(< {cfg.min_gather_elements})"})
+            skipped.append(Skip(base, f"Gather table of {w.size} elements is left int8 "
+                                      f"(< {cfg.min_gather_elements})"))
             continue
         if len(deq) != 1 or len(qidx.consumers[node.output[0]]) != 1 or len(qidx.consumers[table]) != 1:
-            skipped.append({"tensor": base, "reason": "Gather output is not dequantized by one DequantizeLinear"})
+            skipped.append(Skip(base, "Gather output is not dequantized by one DequantizeLinear"))
             continue
         sites.append(_Site("gather", table, deq[0].input[1], deq[0].input[2] if len(deq[0].input) > 2 else "",
                            w, base, dequant_node=deq[0].name))
@@ -410,30 +415,16 @@ def _calibration_stats(fp32: onnx.ModelProto, sites: list[_Site], ctx: PassConte
     acts = sorted({s.activation for s in sites if s.activation})
     if not acts or ctx.calibration is None:
         return 0
-    import onnxruntime as ort
-
-    m = onnx.ModelProto()
-    m.CopyFrom(fp32)
-    known = {o.name for o in m.graph.output}
-    for a in acts:
-        if a not in known:
-            m.graph.output.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the values we read
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feeds = [i.name for i in sess.get_inputs()]
+    capture = Capture(fp32, acts, optimize=False)  # unoptimized: keep the values we read
     gram: dict[str, np.ndarray] = {}
     count: dict[str, int] = {}
     n_batches = 0
     for batch in ctx.calibration():
         if n_batches >= cfg.calibration_batches:
             break
-        outs = sess.run(acts, {k: batch[k] for k in feeds})
-        mask = batch.get("attention_mask")
-        for a, x in zip(acts, outs, strict=True):
-            x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            if mask is not None and mask.size * x.shape[-1] == x.size:
-                x2 = x2[mask.reshape(-1).astype(bool)]  # padding positions never reach the pooled output
+        outs = capture(batch)
+        for a in acts:
+            x2 = token_rows(outs[a], batch.get("attention_mask")).astype(np.float64)
             gram[a] = gram.get(a, 0) + x2.T @ x2
             count[a] = count.get(a, 0) + x2.shape[0]
         n_batches += 1
@@ -531,22 +522,31 @@ def allocate_bits(costs: list[dict[int, int]], errors: list[dict[int, float]], f
 # the pass
 
 
-class Codebook(Pass):
+def codebook_weight_bytes(knobs: Mapping[str, Any]) -> WeightBytes:
+    bits = float(knobs.get("codebook_bits", CodebookConfig.bits))  # bits/8 on disk, int8 resident
+    return WeightBytes(bits / 8, bits / 8, "int8", resident=1.0)
+
+
+@register(recipe="codebook", tasks=ENCODER_TASKS, quantizes=True, order=60,
+          description="weight-sharing codebooks: int8 (per-token activation scales, --codebook-base) whose weights "
+                      "(word embedding included) are stored as --codebook-bits indices into per-channel "
+                      "(--codebook-granularity) int8 codebooks and decoded to int8 at load; tensors sensitive on "
+                      "calibration data get more bits while the size budget allows",
+          weight_bytes=codebook_weight_bytes,
+          # 6 sensitive MatMuls keep float activations: MiniLM at 15 MB, cosine 0.9926 (0.9884 without), ~1.4x slower
+          search=({"codebook_bits": 6}, {"codebook_bits": 4}, {"codebook_bits": 4, "codebook_keep_float": 6},
+                  {"codebook_bits": 3}))
+class Codebook(Pass[CodebookConfig]):
     """ORT dynamic int8, then each large int8 weight replaced by a b-bit codebook decode that ORT folds at load."""
 
     name = "codebook"
 
-    def __init__(self, config: CodebookConfig | None = None) -> None:
-        super().__init__(config or CodebookConfig())
-
     @classmethod
-    def from_options(cls, options: Any) -> Codebook:
-        return cls(CodebookConfig(bits=options.codebook_bits, granularity=options.codebook_granularity,
-                                  keep_float=getattr(options, "codebook_keep_float", 0),
-                                  base=getattr(options, "codebook_base", "per-token")))
+    def requires(cls, target: Target, info: ModelInfo | None) -> str | None:
+        return no_dynamic_int8_on_gpu(target)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        cfg: CodebookConfig = self.config
+        cfg = self.config
         per_channel = cfg.granularity == "channel"
         opset = GraphIndex(model).opset
         if opset < MIN_OPSET:
@@ -559,7 +559,7 @@ class Codebook(Pass):
             model, q = _per_token_base(model)
         else:
             q = ort_quant.quantize_dynamic(model, op_types=("MatMul", "Gather"), per_channel=True)
-        skipped: list[dict[str, str]] = []
+        skipped: list[Skip] = []
         sites = _find_sites(model, q, cfg, skipped)
         base_name = ("onnxruntime.quantization.quantize_dynamic (per-channel int8)" if base_report is None else
                      f"ORT dynamic int8, the {cfg.keep_float} most sensitive MatMuls with float activations")
@@ -568,13 +568,14 @@ class Codebook(Pass):
                          "weights; embedding: ORT dynamic int8")
         report: dict[str, Any] = {"base": base_name,
                                   "bits_floor": cfg.bits, "granularity": cfg.granularity, "mixed": cfg.mixed,
-                                  "skipped_tensors": skipped}
+                                  "skipped": skips(*skipped)}
         if base_report is not None:
             report["float_activations"] = base_report
         elif cfg.keep_float > 0:
             report["base_note"] = "no calibration data to rank nodes by: dynamic int8 everywhere"
         if not sites:
-            report["skipped"] = "no int8 MatMul weight or embedding table large enough to code"
+            report["skipped"] = skips(Skip("", "no int8 MatMul weight or embedding table large enough to code"),
+                                      *skipped)
             return PassResult(q, report, modified=False)
 
         replaced = {s.q_name for s in sites}
@@ -651,7 +652,7 @@ class Codebook(Pass):
 def _per_token_base(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(the float model, with every node named; its int8 graph with per-token activation scales on every MatMul
     with a constant 2-D weight, and ORT's dynamic int8 embedding Gather)."""
-    from edgecompress.passes.quantize_int8 import per_token_int8
+    from edgecompress.passes.int8_graph import per_token_int8
 
     if not all(n.name for n in model.graph.node):  # nodes are chosen by name
         named = onnx.ModelProto()
@@ -672,7 +673,7 @@ def _mixed_base(model: onnx.ModelProto, ctx: PassContext, cfg: CodebookConfig
     float simulation, passes/sensitivity.py), which keep float activations and read an int8 weight."""
     from itertools import islice
 
-    from edgecompress.passes.quantize_int8 import weight_only_int8
+    from edgecompress.passes.int8_graph import weight_only_int8
     from edgecompress.passes.sensitivity import node_sensitivity, quantizable_nodes
 
     assert ctx.calibration is not None

@@ -31,7 +31,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,7 +41,10 @@ from onnx import numpy_helper
 
 from edgecompress.errors import PassError
 from edgecompress.graph import GraphIndex
-from edgecompress.passes.base import Batch, Pass, PassContext, PassResult
+from edgecompress.passes.base import Batch, Pass, PassContext, PassResult, Skip, register, skips
+from edgecompress.passes.capture import Capture, token_rows
+from edgecompress.passes.options import BLOCK_SIZE, Option, option, validate_config
+from edgecompress.tasknames import DECODER_TASK, ENCODER_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +56,24 @@ FFN_PATTERN = "FFN (MatMul -> element-wise activation -> MatMul, incl. gated SiL
 ATTN_PATTERN = "attention heads (Q/K/V MatMul -> Reshape[.., H, dh] -> Softmax -> Reshape[.., H*dh] -> MatMul)"
 
 
+_RATIO_HINT = "a ratio of the neurons/heads to remove, e.g. 0.3"
+PRUNE_FFN = Option("prune_ffn", "Remove this share of every FFN's intermediate neurons, in [0, 1).", float, low=0.0,
+                   high=1.0, high_open=True, hint=_RATIO_HINT, enables=True)
+PRUNE_HEADS = Option("prune_heads", "Remove this share of attention heads, in [0, 1).", float, low=0.0, high=1.0,
+                     high_open=True, hint=_RATIO_HINT, enables=True)
+PRUNE_SCHEDULE = Option("prune_schedule", "Per-layer pruning ratios: uniform, or adaptive to layer sensitivity.",
+                        choices=("uniform", "adaptive"))
+PRUNE_RECOVERY = Option("prune_recovery", "Recovery after pruning: none, bias compensation, or least-squares "
+                        "refit.", choices=("none", "bias", "refit"))
+
+
 @dataclass(frozen=True)
 class PruneConfig:
-    ffn_ratio: float = 0.0  # share of FFN intermediate neurons to remove
-    head_ratio: float = 0.0  # share of attention heads to remove
-    schedule: str = "uniform"  # uniform: the ratio in every layer; adaptive: a global budget spent by sensitivity
-    recovery: str = "refit"  # none | bias | refit
+    ffn_ratio: float = option(0.0, PRUNE_FFN)  # share of FFN intermediate neurons to remove
+    head_ratio: float = option(0.0, PRUNE_HEADS)  # share of attention heads to remove
+    # uniform: the ratio in every layer; adaptive: a global budget spent by sensitivity
+    schedule: str = option("uniform", PRUNE_SCHEDULE)
+    recovery: str = option("refit", PRUNE_RECOVERY)
     ridge: float = 1e-2  # refit damping, relative to the mean diagonal of the Gram matrix
     max_layer_ratio: float = 0.9  # adaptive: no layer loses more than this share
     # at most this many calibration batches (8 texts each). The statistics stream into fixed-size Gram matrices, so
@@ -70,6 +85,9 @@ class PruneConfig:
     # kept features per block rounded to a multiple of this (decoders: the 4-bit kernels' block size, so that a
     # pruned down_proj's K stays quantizable); 1 = any count
     keep_multiple: int = 1
+
+    def __post_init__(self) -> None:
+        validate_config(self, "prune")
 
 
 # ---------------------------------------------------------------------------------------------------------- patterns
@@ -206,8 +224,9 @@ def _dims(idx: GraphIndex, p: Proj) -> tuple[int, int]:
     return int(k), int(n)
 
 
-def find_ffn(idx: GraphIndex) -> tuple[list[Block], list[dict[str, str]]]:
-    blocks, skipped = [], []
+def find_ffn(idx: GraphIndex) -> tuple[list[Block], list[Skip]]:
+    blocks: list[Block] = []
+    skipped: list[Skip] = []
     for mm in idx.nodes("MatMul"):
         consumer = _proj_consuming(idx, mm)
         if consumer is None or idx.is_initializer(mm.input[0]):
@@ -249,7 +268,7 @@ def find_ffn(idx: GraphIndex) -> tuple[list[Block], list[dict[str, str]]]:
         outs = [o for n in region for o in n.output] + [p.out for p in producers]
         if any(id(c) not in inside for o in outs for c in idx.consumers[o]) or any(
                 o in idx.graph_outputs for o in outs):
-            skipped.append({"layer": mm.name, "reason": "an FFN intermediate tensor is read outside the block"})
+            skipped.append(Skip(mm.name, "an FFN intermediate tensor is read outside the block"))
             continue
         blocks.append(Block("ffn", producers, consumer, mm.input[0], width, 1))
     return blocks, skipped
@@ -314,8 +333,9 @@ def _split_reshape(idx: GraphIndex, node: onnx.NodeProto) -> tuple[Proj, int, in
     return None
 
 
-def find_attention(idx: GraphIndex) -> tuple[list[Block], list[dict[str, str]]]:
-    blocks, skipped = [], []
+def find_attention(idx: GraphIndex) -> tuple[list[Block], list[Skip]]:
+    blocks: list[Block] = []
+    skipped: list[Skip] = []
     through = frozenset({"Transpose", "Mul", "Div", "Cast", "Identity"})
     score_ops = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Where", "Identity"})
     for sm in idx.nodes("Softmax"):
@@ -344,11 +364,11 @@ def find_attention(idx: GraphIndex) -> tuple[list[Block], list[dict[str, str]]]:
                  _walk_back(idx, score_mm.input[1], through, 4, lambda n: _split_reshape(idx, n)),
                  _walk_back(idx, ctx_mm.input[1], through, 4, lambda n: _split_reshape(idx, n))]
         if any(s is None for s in sides):
-            skipped.append({"layer": sm.name, "reason": "Q/K/V head-split Reshape not recognised"})
+            skipped.append(Skip(sm.name, "Q/K/V head-split Reshape not recognised"))
             continue
         heads, dh = sides[0][1], sides[0][2]
         if any((s[1], s[2]) != (heads, dh) for s in sides) or len({s[0].input for s in sides}) != 1:
-            skipped.append({"layer": sm.name, "reason": "Q, K and V differ in heads or input (GQA/cross)"})
+            skipped.append(Skip(sm.name, "Q, K and V differ in heads or input (GQA/cross)"))
             continue
         # context -> Transpose -> Reshape[.., H*dh] -> output projection
         t = ctx_mm.output[0]
@@ -368,14 +388,14 @@ def find_attention(idx: GraphIndex) -> tuple[list[Block], list[dict[str, str]]]:
                     and out_users[0].input[0] == merge.output[0] else None)  # type: ignore[union-attr]
         elems = _shape_elements(idx, merge) if merge is not None else None
         if out_proj is None or elems is None or _dims(idx, out_proj)[0] != heads * dh:
-            skipped.append({"layer": sm.name, "reason": "head-merge Reshape -> output MatMul not recognised"})
+            skipped.append(Skip(sm.name, "head-merge Reshape -> output MatMul not recognised"))
             continue
         last_value, last_fix = elems[-1]
         fixes = [ShapeFix(f.node, f.slot, f.value, f.pos, 1) for _, _, _, f in sides if f is not None]
         if last_value == heads * dh and last_fix is not None:
             fixes.append(ShapeFix(last_fix.node, last_fix.slot, last_fix.value, last_fix.pos, dh))
         elif last_value != -1:
-            skipped.append({"layer": sm.name, "reason": f"head-merge shape ends in {last_value}, not {heads * dh}"})
+            skipped.append(Skip(sm.name, f"head-merge shape ends in {last_value}, not {heads * dh}"))
             continue
         blocks.append(Block("heads", [s[0] for s in sides], out_proj, merge.output[0], heads, dh,  # type: ignore
                             fixes))
@@ -405,39 +425,21 @@ def collect_stats(model: onnx.ModelProto, blocks: list[Block], batches: Iterable
     output is added to): the LayerNorm that follows rescales every token to one norm, so an error matters relative
     to its own token's norm, and a few huge-norm tokens must not dominate the fit.
     """
-    import onnxruntime as ort
-
     idx = GraphIndex(model)
     wanted: dict[str, int] = {}
     for b in blocks:
         wanted[b.features] = b.hidden
         wanted[b.producers[0].input] = _dims(idx, b.producers[0])[0]
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    for n in wanted:
-        if n not in existing:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    try:
-        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own untyped errors
-        raise PassError(f"could not run the model to collect pruning statistics: {str(e).splitlines()[0]}") from e
-    feeds = [i.name for i in sess.get_inputs()]
+    capture = Capture(model, wanted, purpose="collect pruning statistics")
     out_names = list(wanted)
     grams = {b.key: np.zeros((b.hidden + 1, b.hidden + 1)) for b in blocks}
     energy = {b.key: 0.0 for b in blocks}
     seen = tokens = 0
     for batch in batches:
-        missing = [f for f in feeds if f not in batch]
-        if missing:
-            raise PassError(f"calibration batches lack the model input(s) {', '.join(missing)}")
         mask = batch.get("attention_mask")
-        outs = {}
-        for name, arr in zip(out_names, sess.run(out_names, {f: batch[f] for f in feeds}), strict=True):
-            x = np.asarray(arr, dtype=np.float64).reshape(-1, wanted[name])
-            if mask is not None and mask.size == x.shape[0]:
-                x = x[mask.reshape(-1) > 0]  # padding tokens never reach a pooled output
-            outs[name] = x
+        values = capture(batch)
+        outs = {name: token_rows(np.asarray(values[name], dtype=np.float64).reshape(-1, wanted[name]), mask)
+                for name in out_names}
         tokens += len(outs[out_names[0]])
         for b in blocks:
             h, x = outs[b.features], outs[b.producers[0].input]
@@ -666,23 +668,26 @@ def _aligned_removal(b: Block, remove: int, multiple: int, nearest: bool) -> int
     return int(max(0, min(remove if not nearest else b.units, b.units - max(groups, 1) * step)))
 
 
-class StructuredPrune(Pass):
+@register(tasks=(*ENCODER_TASKS, DECODER_TASK), order=0,
+          # composed with these recipes in the search grid
+          search=({"prune_ffn": 0.25},),
+          compose=(("int8-dynamic", {}), ("codebook", {"codebook_bits": 4}), ("int4", {})))
+class StructuredPrune(Pass[PruneConfig]):
     name = "prune"
 
-    def __init__(self, config: PruneConfig | None = None) -> None:
-        super().__init__(config or PruneConfig())
-
     @classmethod
-    def from_options(cls, options: Any) -> StructuredPrune:
-        return cls(PruneConfig(ffn_ratio=options.prune_ffn, head_ratio=options.prune_heads,
-                               schedule=options.prune_schedule, recovery=options.prune_recovery))
+    def configure(cls, values: Mapping[str, Any], task: str | None) -> PruneConfig:
+        cfg = super().configure(values, task)
+        if task == DECODER_TASK:  # a pruned down_proj keeps K a multiple of the decoder kernels' block
+            cfg = replace(cfg, keep_multiple=values.get("block_size", BLOCK_SIZE.default))
+        return cfg
 
-    def find(self, model: onnx.ModelProto) -> tuple[list[Block], list[dict[str, str]]]:
+    def find(self, model: onnx.ModelProto) -> tuple[list[Block], list[Skip]]:
         """Blocks of the kinds asked for; PassError when a kind asked for has none."""
         cfg: PruneConfig = self.config
         idx = GraphIndex(model)
         blocks: list[Block] = []
-        skipped: list[dict[str, str]] = []
+        skipped: list[Skip] = []
         missing = []
         for ratio, finder, pattern in ((cfg.ffn_ratio, find_ffn, FFN_PATTERN),
                                        (cfg.head_ratio, find_attention, ATTN_PATTERN)):
@@ -691,7 +696,7 @@ class StructuredPrune(Pass):
             found, skip = finder(idx)
             skipped.extend(skip)
             if not found:
-                missing.append(pattern + (f" [{skip[0]['reason']}]" if skip else ""))
+                missing.append(pattern + (f" [{skip[0].reason}]" if skip else ""))
             blocks.extend(found)
         if missing:
             raise PassError(f"pruning found no {' and no '.join(missing)} in this graph",
@@ -813,14 +818,14 @@ class StructuredPrune(Pass):
             "neurons_removed": sum(r["removed"] for r in layers if r["kind"] == "ffn"),
         }
         if not layers:
-            report["skipped"] = "the ratios remove nothing (every layer keeps all its units)"
+            report["skipped"] = skips(Skip("", "the ratios remove nothing (every layer keeps all its units)"))
             return PassResult(model, report, modified=False)
         return PassResult(out, report)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         cfg: PruneConfig = self.config
         if cfg.ffn_ratio <= 0 and cfg.head_ratio <= 0:
-            return PassResult(model, {"skipped": "both pruning ratios are 0"}, modified=False)
+            return PassResult(model, {"skipped": skips(Skip("", "both pruning ratios are 0"))}, modified=False)
         blocks, skipped = self.find(model)
         if ctx.calibration is None:
             raise PassError("structured pruning needs calibration data", hint="give --calibration texts")
@@ -831,7 +836,7 @@ class StructuredPrune(Pass):
         ctx.log(f"pruning statistics: {tokens} calibration tokens, {len(blocks)} blocks, "
                 f"{time.perf_counter() - t0:.0f} s")
         result = self.prune(model, blocks, stats, ctx.calibration)
-        result.report["skipped_layers"] = skipped
+        result.report["skipped"] = [*result.report.get("skipped", []), *skips(*skipped)]
         result.report["calibration_tokens"] = tokens
         return result
 
