@@ -3,7 +3,7 @@ dissolved into its techniques. New code imports from where each now lives:
 
 - lm_head.py: find and untie a tied lm_head (LmHead, find_lm_head, untie_lm_head, word_embedding);
 - int4_grid.py: grid-aware 4-bit for decoders (DecoderInt4, DecoderInt4Config, affine_4bit, pack_nibbles, ...);
-- codebook_decoder.py: codebooks decoded into MatMulNBits' 8-bit weights (DecoderCodebook, DecoderCodebookConfig);
+- codebook/decoder.py: codebooks decoded into MatMulNBits' 8-bit weights (DecoderCodebook, DecoderCodebookConfig);
 - isa.py: which CPU features give an int8 dot product (accuracy_level_for).
 
 Remove this module once nothing imports it.
@@ -12,7 +12,7 @@ Remove this module once nothing imports it.
 from __future__ import annotations
 
 from edgecompress import isa
-from edgecompress.passes.codebook_decoder import DecoderCodebook, DecoderCodebookConfig
+from edgecompress.passes.codebook.decoder import DecoderCodebook, DecoderCodebookConfig
 from edgecompress.passes.int4_grid import (
     DecoderInt4,
     DecoderInt4Config,

@@ -3,7 +3,7 @@
 The exported lm_head is MatMul(x, Transpose(embed)) (or, when the exporter folded the transpose, a second
 initializer equal to embed.T). ORT's 4-bit quantizer only takes MatMuls whose weight is an initializer, so a tied
 lm_head stays float32 (113 MB for SmolLM2). `untie_lm_head` gives lm_head its own initializer so that both it and
-the embedding Gather can be quantized. Graph surgery only: no pass here (int4_grid.py and codebook_decoder.py use it).
+the embedding Gather can be quantized. Graph surgery only: no pass here (int4_grid.py and codebook/decoder.py use it).
 """
 
 from __future__ import annotations
