@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 
+def _path(value: Any) -> Any:
+    return Path(value) if isinstance(value, (str, Path)) and value != "" else value
+
+
 def build(
     model: str | Path | None = None,
     *,
@@ -62,7 +66,6 @@ def build(
     text_column: str | None = None,
     task: str | None = None,
     force: bool = False,
-    trust_remote_code: bool = False,
     runs: int = 30,
     cache: bool = True,
     progress: Progress | None = None,
@@ -82,12 +85,11 @@ def build(
     from edgecompress.pipeline import BuildOptions
     from edgecompress.recipes import RecipeOptions
 
+    # values of the wrong type pass through unconverted, so that pipeline.plan refuses them as the CLI would
     opts = BuildOptions(
-        model=Path(model) if model is not None else None, target=target, recipe=recipe,
-        out=Path(out) if out is not None else None,
-        calibration=Path(calibration) if calibration is not None else None,
-        eval=Path(eval) if eval is not None else None, text_column=text_column, task=task, force=force,
-        trust_remote_code=trust_remote_code, runs=runs, cache=cache, recipe_options=RecipeOptions(**recipe_options),
+        model=_path(model), target=target, recipe=recipe, out=_path(out), calibration=_path(calibration),
+        eval=_path(eval), text_column=text_column, task=task, force=force, runs=runs, cache=cache,
+        recipe_options=RecipeOptions(**recipe_options),
     )
     return build_bundle(opts, progress, max_candidates=max_candidates, time_budget_s=time_budget_s,
                         keep_best=keep_best)

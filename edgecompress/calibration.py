@@ -42,22 +42,45 @@ def builtin_texts(split: Split) -> TextSet:
     return TextSet(texts, f"builtin:{split}")
 
 
+# Bounds on a user's text file, so that one bad file cannot exhaust memory: texts are truncated to the model's
+# context (512 tokens at most here, a few thousand characters) anyway, so these are far above any useful input.
+MAX_FILE_BYTES = 256 * 2**20
+MAX_LINE_CHARS = 100_000
+
+
 def _read_text_file(path: Path) -> str:
     try:
-        raw = path.read_bytes()
+        st = path.stat()
     except FileNotFoundError:
         raise DataError(f"text file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"{path} is a directory, not a text file") from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror}", hint="check the path and its permissions") from None
-    if b"\x00" in raw[:8192]:
-        raise DataError(f"{path} looks binary (it contains NUL bytes)",
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a text file")
+    if not path.is_file():  # a FIFO, socket or device: reading it could block forever or never end
+        raise DataError(f"{path} is not a regular file", hint="give a text file saved on disk")
+    if st.st_size > MAX_FILE_BYTES:
+        raise DataError(f"{path} is {st.st_size / 2**20:,.0f} MiB, more than the {MAX_FILE_BYTES // 2**20} MiB "
+                        "a text file may have", hint="use a sample of the texts")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}", hint="check the path and its permissions") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise DataError(f"{path} grew past {MAX_FILE_BYTES // 2**20} MiB while being read")
+    if (nul := raw.find(b"\x00")) >= 0:
+        raise DataError(f"{path} contains a NUL byte (at byte {nul}): it looks binary",
                         hint=f"give a UTF-8 text file: {', '.join(SUPPORTED)}")
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start})", hint="re-encode it as UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(f"{path}:{lineno} is {len(line):,} characters long, more than the {MAX_LINE_CHARS:,} a "
+                            "line may have", hint="one text a line; split or shorten it")
+    return text
 
 
 def load_texts(path: str | Path, text_column: str | None = None) -> TextSet:

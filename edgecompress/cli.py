@@ -12,33 +12,112 @@ from typing import Any, TypeVar
 
 import click
 
-from edgecompress.errors import EdgeCompressError
+from edgecompress.errors import describe_failure
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_BUDGET_FAILED = 3
 
 
+_TERM_WATCH: list[bool] = []
+
+
 def _interrupt_on_sigterm() -> None:
+    """SIGTERM is Ctrl-C (KeyboardInterrupt: everything half-written is removed on the way out). Python runs that
+    handler only when the main thread returns to the interpreter, so a long call into C (ONNX Runtime, BLAS) would
+    defer it: a watchdog thread, woken by the signal itself through the wakeup fd, gives the main thread
+    EDGECOMPRESS_TERM_GRACE_S (10 s) to unwind, then removes what this process is writing and exits 130."""
+
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    if _TERM_WATCH:
+        return
+    import os
+    import threading
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: the plain handler is all we can do
+        return
+    _TERM_WATCH.append(True)
+    grace = float(os.environ.get("EDGECOMPRESS_TERM_GRACE_S", "10"))
+
+    def watch() -> None:
+        import time
+
+        from edgecompress.locks import remove_in_flight
+
+        while True:
+            got = os.read(r, 64)
+            if signal.SIGTERM in got:
+                time.sleep(grace)
+                remove_in_flight()
+                os.write(2, b"error: interrupted (SIGTERM): did not stop within the grace period; "
+                            b"what it was writing was removed\n")
+                os._exit(130)
+
+    threading.Thread(target=watch, name="edgecompress-sigterm", daemon=True).start()
 
 
 def _run(fn: Callable[[], int | None], debug: bool) -> None:
-    """Run a command body: typed errors become one line on stderr and their exit code."""
+    """Run a command body: every exception becomes one line on stderr and a documented exit code
+    (errors.describe_failure); the traceback only with --debug."""
     try:
         code = fn() or 0
-    except EdgeCompressError as e:
-        if debug:
+    except (SystemExit, click.ClickException):  # click's own usage errors: _OneLineErrors prints them
+        raise
+    except BaseException as e:
+        if debug and not isinstance(e, KeyboardInterrupt):
             raise
-        click.echo(f"error: {e.one_line()}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted: nothing was written", err=True)
-        sys.exit(130)
+        line, exit_code = describe_failure(e)
+        click.echo(f"error: {line}", err=True)
+        sys.exit(exit_code)
     sys.exit(code)
+
+
+class _OneLineErrors(click.Group):
+    """click's usage errors as one line (`error: ... (see `edgecompress CMD -h`)`), like every other error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f" (see `{ctx.command_path} -h`)" if ctx is not None else ""
+            click.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted: nothing was written", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class _FinitePositive(click.ParamType):
+    """A finite number > 0: click's FloatRange lets nan and inf through."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        import math
+
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(f) or f <= 0:
+            self.fail(f"{value!r} is not a finite number > 0", param, ctx)
+        return f
+
+
+FINITE_POSITIVE = _FinitePositive()
 
 
 def _console(stderr: bool = False) -> Any:
@@ -47,7 +126,7 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, soft_wrap=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="edgecompress")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each step does (on stderr).")
 @click.pass_context
@@ -97,7 +176,6 @@ def _recipe_options(flags: dict[str, Any]) -> Any:
 @click.option("--task", help="Task to export for (default: inferred from config.json), e.g. feature-extraction.")
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1),
               help="Timed runs when profiling on this host.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow models that need code from their repo.")
 @click.option("--max-size-mb", type=click.FloatRange(min=0, min_open=True), help="Override the size budget (MB).")
 @click.option("--max-ram-mb", type=click.FloatRange(min=0, min_open=True), help="Override the peak RAM budget (MB).")
 @click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
@@ -105,7 +183,7 @@ def _recipe_options(flags: dict[str, Any]) -> Any:
 @click.option("--min-fidelity", type=float, help="Override the floor of the task's primary fidelity metric "
               "(cosine_mean for embeddings, top1_agreement for classifiers).")
 @click.option("--max-candidates", type=click.IntRange(min=1), help="--recipe auto: build at most this many.")
-@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True),
+@click.option("--time-budget", type=FINITE_POSITIVE,
               help="--recipe auto: stop building candidates after this many seconds.")
 @click.option("--keep-best", is_flag=True, help="--recipe auto: write the closest bundle even if nothing fits.")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the build cache (see `edgecompress cache`).")
@@ -114,15 +192,16 @@ def _recipe_options(flags: dict[str, Any]) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def build(model: Path | None, target: str, recipe: str | None, out: Path | None, calibration: Path | None,
-          eval_file: Path | None, text_column: str | None, task: str | None, runs: int, trust_remote_code: bool,
+          eval_file: Path | None, text_column: str | None, task: str | None, runs: int,
           max_size_mb: float | None, max_ram_mb: float | None, max_latency_ms: float | None,
           min_fidelity: float | None, max_candidates: int | None, time_budget: float | None, keep_best: bool,
           no_cache: bool, force: bool, as_json: bool, debug: bool, **recipe_flags: Any) -> None:
     """Export MODEL, compress it with a recipe, measure it, check the target's budgets, write a bundle.
 
     MODEL is a local Hugging Face model directory or an .onnx file; without it, the bundled all-MiniLM-L6-v2.
-    Exit codes: 0 within every budget, 3 a budget failed (bundle still written), 2 usage error,
-    1 other error, 130 interrupted. Nothing is written on 1, 2 or 130.
+    Exit codes: 0 within every budget, 3 a budget failed (bundle still written), 2 usage error, 1 other error,
+    4 the system refused (disk full, permission denied, out of memory), 5 another build is writing --out,
+    130 interrupted. Nothing is written on 1, 2, 4, 5 or 130. --force replaces only an edgecompress bundle.
 
     \b
     Examples:
@@ -141,7 +220,7 @@ def build(model: Path | None, target: str, recipe: str | None, out: Path | None,
     def options() -> BuildOptions:
         return BuildOptions(model=model, target=target, recipe=recipe, out=out, calibration=calibration,
                             eval=eval_file, text_column=text_column, task=task, force=force,
-                            trust_remote_code=trust_remote_code, runs=runs, cache=not no_cache,
+                            runs=runs, cache=not no_cache,
                             budgets={k: v for k, v in (("max_size_mb", max_size_mb), ("max_peak_ram_mb", max_ram_mb),
                                                        ("max_latency_p90_ms", max_latency_ms)) if v is not None},
                             min_fidelity=min_fidelity, recipe_options=_recipe_options(recipe_flags))
@@ -327,12 +406,16 @@ def cache_info(as_json: bool) -> None:
     def body() -> int:
         info = Cache().info()
         if as_json:
-            click.echo(json.dumps({"root": info.root, "entries": info.entries, "bytes": info.bytes}, indent=2))
+            click.echo(json.dumps({"root": info.root, "entries": info.entries, "bytes": info.bytes,
+                                   "other": info.other}, indent=2))
             return 0
         click.echo(f"cache: {info.root}")
         for kind in sorted(info.entries):
             click.echo(f"  {kind:10s} {info.entries[kind]:5d} entries  {info.bytes[kind] / 1e6:10.1f} MB")
         click.echo(f"  total      {sum(info.entries.values()):5d} entries  {info.total_bytes / 1e6:10.1f} MB")
+        if info.other:
+            click.echo(f"  and {len(info.other)} item{'s' if len(info.other) != 1 else ''} edgecompress did not write "
+                       "(`cache clear` leaves them)")
         return 0
 
     _run(body, False)
@@ -340,7 +423,8 @@ def cache_info(as_json: bool) -> None:
 
 @cache.command("clear")
 def cache_clear() -> None:
-    """Remove every cache entry (the Arm emulator root, an installed tool, is kept).
+    """Remove every cache entry edgecompress wrote (it never removes anything else; the Arm emulator root, an
+    installed tool, is kept).
 
     \b
     Example:
@@ -350,10 +434,16 @@ def cache_clear() -> None:
 
     def body() -> int:
         c = Cache()
+        before = c.info()
         n = c.clear()
-        click.echo(f"removed {n} entries from {c.root}")
+        click.echo(f"removed {n} entries ({before.total_bytes / 1e6:.1f} MB) from {c.root}")
         for d in c.kept():
             click.echo(f"kept {d} (the Arm emulator, not a cache entry; delete it by hand to remove it)")
+        left = c.info().other
+        if left:
+            shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            click.echo(f"left {len(left)} item{'s' if len(left) != 1 else ''} that edgecompress did not write: "
+                       f"{shown}")
         return 0
 
     _run(body, False)
@@ -472,6 +562,9 @@ def emulator_setup(force: bool, mirror: str | None, debug: bool) -> None:
 def emulator_run(bundle: Path, target: str, texts: int, as_json: bool, debug: bool) -> None:
     """Run BUNDLE under Arm emulation: does it load, which ops, fidelity with Arm's kernels vs this host's.
 
+    The bundle is verified first, as by `profile`: exit 10 not a bundle, 16 a file outside it or not matching its
+    sha256; 2 usage error (emulator not set up), 1 it does not run.
+
     \b
     Example:
       edgecompress emulator run build/all-MiniLM-L6-v2-raspberry-pi-5 --target raspberry-pi-5
@@ -537,9 +630,9 @@ def _print_emulation(r: dict[str, Any]) -> None:
 @click.option("-i", "--identity", multiple=True, type=click.Path(path_type=Path),
               help="Private key for --device (repeatable) [default: ~/.ssh/id_* and ssh-agent].")
 @click.option("--remote-python", default="python3", show_default=True, help="Python on the device.")
-@click.option("--connect-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--connect-timeout", default=10.0, show_default=True, type=FINITE_POSITIVE,
               help="Seconds to wait for the device's SSH login.")
-@click.option("--run-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--run-timeout", default=600.0, show_default=True, type=FINITE_POSITIVE,
               help="Seconds the run on the device may take before it is killed.")
 @click.option("--update", is_flag=True, help="Write the new profile and budgets into the bundle's manifest.json "
               "and report.md (atomically; the bundle must be for this target).")
@@ -561,8 +654,10 @@ def profile_cmd(bundle_dir: Path, target: str, device: str | None, runs: int, em
        3  a budget failed                  12  device unreachable (refused, timeout, DNS)
        2  usage error (bad option/target)  13  device authentication failed
        1  profiler failure                 14  device host key unknown or mismatched
-      10  not a bundle (no manifest.json   15  device lacks python/numpy/onnxruntime
-          or model)                       130  interrupted
+       4  system refused (disk, memory)    15  device lacks python/numpy/onnxruntime
+      10  not a bundle (no manifest.json   16  verification failed: a file the manifest names is
+          or model)                            outside the bundle or does not match its sha256
+                                          130  interrupted
 
     \b
     Examples:

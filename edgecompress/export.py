@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -108,15 +109,15 @@ def infer_task(config: dict[str, Any]) -> str:
     return "feature-extraction"
 
 
-def inspect_model(model_dir: Path, task: str | None = None, trust_remote_code: bool = False) -> ModelInfo:
+def inspect_model(model_dir: Path, task: str | None = None) -> ModelInfo:
     """Validate a model dir (or an .onnx file) and say what it is, before any heavy work starts."""
     if model_dir.suffix == ".onnx" and model_dir.is_file():
         return inspect_onnx_file(model_dir, task)
     config = read_config(model_dir)
     weight_files(model_dir)
-    if config.get("auto_map") and not trust_remote_code:
-        raise ModelError(f"{model_dir} needs custom code from the model repo (config.json has auto_map)",
-                         hint="running it executes that code: pass --trust-remote-code only if you trust it")
+    if config.get("auto_map"):  # edgecompress never runs a model repository's own Python code
+        raise ModelError(f"{model_dir} needs custom code from the model repo (config.json has auto_map), which "
+                         "edgecompress does not run", hint="export it to ONNX yourself and give the .onnx file")
     model_type = config["model_type"]
     task = task or infer_task(config)
     if task not in SUPPORTED_TASKS:
@@ -161,6 +162,17 @@ def inspect_onnx_file(path: Path, task: str | None) -> ModelInfo:
         raise ModelError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0] if str(e) else e}") from None
     if not m.graph.output:
         raise ModelError(f"{path} has no graph outputs")
+    for inp in m.graph.input:  # fixed dims are fed as declared: refuse what no machine could allocate
+        dims = [d.dim_value for d in inp.type.tensor_type.shape.dim if d.HasField("dim_value")]
+        if any(d < 0 for d in dims) or math.prod(dims) > 2**29:
+            raise ModelError(f"{path}: input '{inp.name}' declares shape {dims}, too large to feed",
+                             hint="give the model symbolic (dynamic) batch and sequence dimensions")
+    from edgecompress.model import UnsafeExternalData, artifact_files
+
+    try:  # before anything reads the weights: every external-data file inside the model's dir, a regular file
+        artifact_files(path)
+    except UnsafeExternalData as e:
+        raise ModelError(str(e), hint="keep the external data files beside the .onnx file") from None
     return ModelInfo(model_type="onnx", architecture=m.graph.name or path.stem, task=ONNX_TASK)
 
 

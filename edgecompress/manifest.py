@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,25 @@ from edgecompress.budget import BudgetRow
 SCHEMA_VERSION = 1
 
 
+def _finite(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
 @dataclass
 class Artifact:
     file: str
     files: list[str]
     size_bytes: int
     sha256: str
+    # sha256 of every other file in the bundle (relative path -> hex), checked by `profile` and `emulator run`;
+    # absent from bundles of older versions (only `sha256`, of model.onnx, is checked there)
+    hashes: dict[str, str] = field(default_factory=dict)
 
     @property
     def size_mb(self) -> float:
@@ -76,7 +90,8 @@ class Manifest:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2, sort_keys=False) + "\n"
+        # strict JSON: a NaN or infinite figure (a broken model's fidelity) is written as null, never as NaN
+        return json.dumps(_finite(self.as_dict()), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:

@@ -51,3 +51,11 @@ PRIMARY_METRIC: dict[str, str] = {
     "onnx": "cosine_mean",
     DECODER_TASK: "perplexity_ratio",
 }
+
+# The values a metric can take (inclusive), so a floor or ceiling outside them is refused as a typo: a cosine floor
+# of 1.5 or a top-1 floor of 99 (a percentage) can never be met, a KL ceiling below 0 never either.
+RANGE: dict[str, tuple[float, float]] = {
+    "cosine_mean": (-1.0, 1.0), "cosine_p1": (-1.0, 1.0), "cosine_min": (-1.0, 1.0),
+    "top1_agreement": (0.0, 1.0), "next_token_top1": (0.0, 1.0),
+    "kl_mean": (0.0, float("inf")), "perplexity_ratio": (0.0, float("inf")), "perplexity": (1.0, float("inf")),
+}

@@ -40,8 +40,16 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> list[Path]:
     return [path]
 
 
+class UnsafeExternalData(ValueError):
+    """An external-data location that escapes the model's directory, or is not a regular file."""
+
+
 def artifact_files(model_path: str | Path) -> list[Path]:
-    """The model file plus any external data files it references."""
+    """The model file plus any external data files it references.
+
+    Every location is checked before anything reads it: it must resolve (symlinks followed) inside the model's
+    directory and be a regular file, so that a model cannot make us read /etc/shadow or block forever on a FIFO or
+    /dev/zero (UnsafeExternalData)."""
     model_path = Path(model_path)
     files = [model_path]
     m = onnx.load(str(model_path), load_external_data=False)
@@ -51,7 +59,16 @@ def artifact_files(model_path: str | Path) -> list[Path]:
             for entry in init.external_data:
                 if entry.key == "location":
                     locations.add(entry.value)
-    files.extend(model_path.parent / loc for loc in sorted(locations))
+    home = model_path.parent.resolve()
+    for loc in sorted(locations):
+        p = model_path.parent / loc
+        real = p.resolve()
+        if not loc or Path(loc).is_absolute() or home not in real.parents:
+            raise UnsafeExternalData(f"{model_path}: external data '{loc}' is outside the model's directory")
+        if not real.is_file():  # is_file: a regular file, not a FIFO, device or directory
+            what = "missing" if not real.exists() else "not a regular file"
+            raise UnsafeExternalData(f"{model_path}: external data '{loc}' is {what}")
+        files.append(p)
     return files
 
 

@@ -20,10 +20,11 @@ from typing import Any
 import onnx
 
 from edgecompress import budget, export, steps
-from edgecompress.bundle import StagedDir, check_out_dir
+from edgecompress.bundle import StagedDir, check_out_dir, hash_bundle_files
 from edgecompress.cache import Cache, digest, hash_texts
 from edgecompress.calibration import TextSet, builtin_texts, load_texts
 from edgecompress.errors import BuildInterrupted, ModelError
+from edgecompress.inputs import check_build_options, check_fidelity_limit
 from edgecompress.manifest import Artifact, Manifest
 from edgecompress.metrics import METRICS, PRIMARY_METRIC
 from edgecompress.model import artifact_size_bytes, load_model, save_model, sha256_file, sha256_files
@@ -84,7 +85,6 @@ class BuildOptions:
     text_column: str | None = None
     task: str | None = None
     force: bool = False
-    trust_remote_code: bool = False
     recipe_options: RecipeOptions = field(default_factory=RecipeOptions)
     budgets: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. {"max_size_mb": 15}
     min_fidelity: float | None = None  # overrides the floor of the task's primary fidelity metric
@@ -111,13 +111,15 @@ class _Plan:
 
 
 def plan(opts: BuildOptions) -> _Plan:
+    check_build_options(opts)  # the same checks for the CLI and the API, before anything else
     target = load_target(opts.target)
     model_dir, model_name = resolve_model(opts.model)
-    info = export.inspect_model(model_dir, opts.task, opts.trust_remote_code)
+    info = export.inspect_model(model_dir, opts.task)
     target = target.for_task(info.task)  # decoders: [budgets.decoder]; before the overrides, so they win
     if opts.budgets:
         target = replace(target, budgets=replace(target.budgets, **opts.budgets))
     if opts.min_fidelity is not None:
+        check_fidelity_limit(PRIMARY_METRIC[info.task], opts.min_fidelity, "--min-fidelity")
         floors = {**target.budgets.fidelity, PRIMARY_METRIC[info.task]: opts.min_fidelity}
         target = replace(target, budgets=replace(target.budgets, fidelity=floors))
     validate_workload(info, target)
@@ -130,7 +132,7 @@ def plan(opts: BuildOptions) -> _Plan:
     calib_texts = (load_texts(opts.calibration, opts.text_column) if opts.calibration
                    else builtin_texts("calibration"))
     out = Path(opts.out) if opts.out else Path("build") / f"{model_name}-{target.name}"
-    check_out_dir(out, opts.force)
+    check_out_dir(out, opts.force, protect=(model_dir,))
     return _Plan(model_dir, model_name, info, target, recipe, eval_texts, calib_texts, out)
 
 
@@ -148,7 +150,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> Manifest:
     imports search, which is its client)."""
     p = plan(opts)
     try:
-        with StagedDir(p.out, opts.force) as stage:
+        with StagedDir(p.out, opts.force, protect=(p.model_dir,)) as stage:
             manifest = _build_into(stage.path, p, opts, progress or NullProgress())
             stage.commit()
     except KeyboardInterrupt:
@@ -228,7 +230,7 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
         profile=profile,
         budgets=rows,
         artifact=Artifact(file="model.onnx", files=files, size_bytes=artifact_size_bytes(model_path),
-                          sha256=sha256_file(model_path)),
+                          sha256=sha256_file(model_path), hashes=hash_bundle_files(stage)),
         timings_s={k: round(v, 3) for k, v in timings.items()},
         warnings=task.warnings,
         cache={"dir": str(cache.root) if cache.enabled else None, "hits": cache.hits, "misses": cache.misses},

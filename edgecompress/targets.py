@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import tomllib
 
 from edgecompress.errors import ConfigError
-from edgecompress.metrics import METRICS
+from edgecompress.metrics import METRICS, RANGE
 from edgecompress.tasknames import DECODER_TASK
 
 ISA_FLAGS = frozenset(
@@ -175,6 +176,16 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool, str]]] = {
 }
 
 
+# Upper bounds "within reason": beyond them a value is a typo, and some would make the estimator or the profiler
+# allocate without bound (a batch of 10**9).
+_MAX: dict[str, float] = {
+    "hardware.cores": 1024, "runtime.threads": 1024, "hardware.memory_mb": 16 * 2**20,
+    "hardware.usable_ram_mb": 16 * 2**20, "workload.batch": 1024, "workload.sequence_length": 131_072,
+    "workload.prompt_length": 131_072, "workload.new_tokens": 131_072, "workload.context_length": 1_048_576,
+}
+MAX_TARGET_FILE_BYTES = 1 << 20
+
+
 def _bad(path: Path, key: str, expected: str, got: object = None) -> ConfigError:
     got_text = "" if got is None else f", got {got!r}"
     return ConfigError(f"malformed target file {path}: key '{key}' must be {expected}{got_text}",
@@ -207,9 +218,12 @@ def _section(path: Path, data: dict[str, Any], name: str) -> dict[str, Any]:
             raise _bad(path, prefix + key, expected, value)
         if not isinstance(value, types):
             raise _bad(path, prefix + key, expected, value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0 \
-                and key != "runtime_baseline_mb":
-            raise _bad(path, prefix + key, expected, value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            lo_ok = value >= 0 if key == "runtime_baseline_mb" else value > 0
+            hi = _MAX.get(prefix + key, math.inf)
+            if not math.isfinite(value) or not lo_ok or value > hi:
+                bound = f" (at most {hi:,})" if math.isfinite(hi) else ""
+                raise _bad(path, prefix + key, f"{expected}{bound}", value)
         out[key] = value
     return out
 
@@ -227,7 +241,7 @@ def _decoder_budgets(path: Path, table: dict[str, Any]) -> dict[str, float]:
             hint = f" (did you mean 'budgets.decoder.{close[0]}'?)" if close else ""
             raise ConfigError(f"malformed target file {path}: unknown key 'budgets.decoder.{key}'{hint}",
                               hint=f"allowed keys here: {', '.join(_DECODER_BUDGETS)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise _bad(path, f"budgets.decoder.{key}", "a positive number", value)
         out[key] = float(value)
     return out
@@ -265,8 +279,15 @@ def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
     for metric, limit in fidelity.items():
         if metric not in METRICS:
             raise _bad(path, f"budgets.fidelity.{metric}", f"a metric from {sorted(METRICS)}")
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)):
-            raise _bad(path, f"budgets.fidelity.{metric}", "a number", limit)
+        lo, hi = RANGE.get(metric, (-math.inf, math.inf))
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) \
+                or not lo <= limit <= hi:
+            raise _bad(path, f"budgets.fidelity.{metric}", f"a finite number in [{lo:g}, {hi:g}]", limit)
+    if rt["threads"] > 4 * hw["cores"]:
+        raise _bad(path, "runtime.threads", f"at most 4 x hardware.cores ({4 * hw['cores']})", rt["threads"])
+    if "prompt_length" in wl and "context_length" in wl and wl["prompt_length"] >= wl["context_length"]:
+        raise _bad(path, "workload.prompt_length", f"less than context_length ({wl['context_length']})",
+                   wl["prompt_length"])
 
     return Target(
         name=top["name"],
@@ -343,10 +364,16 @@ def detect_isa(cpuinfo: str | None = None) -> frozenset[str]:
 
 
 def load_target_file(path: Path) -> Target:
+    if not path.is_file():  # a FIFO or device would block the read
+        raise ConfigError(f"target file {path} is not a regular file", hint="give a .toml file")
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TARGET_FILE_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read target file {path}: {e.strerror}") from None
+    if len(raw) > MAX_TARGET_FILE_BYTES:
+        raise ConfigError(f"target file {path} is larger than {MAX_TARGET_FILE_BYTES >> 20} MiB",
+                          hint="a target file is a few dozen lines of TOML")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -359,7 +386,7 @@ def load_target(name_or_path: str | Path) -> Target:
     text = str(name_or_path)
     if text.endswith(".toml") or os.sep in text:
         p = Path(text)
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(f"target file not found: {p}")
         return load_target_file(p)
     known = available_targets()

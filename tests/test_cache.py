@@ -152,3 +152,24 @@ def test_clear_keeps_the_emulator_root(cache_dir: Path) -> None:
     assert "removed 1 entries" in res.output and "kept" in res.output
     assert c.info().entries == {} and not (cache_dir / "export").exists()
     assert (cache_dir / "emulator" / "rootfs" / "marker").read_text() == "arm64 root"
+
+
+def test_a_second_writer_of_one_key_waits_and_uses_the_first_entry(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    c = Cache(tmp_path)
+    key = digest("same")
+    calls: list[str] = []
+
+    def slow(d: Path) -> None:
+        calls.append("first")
+        time.sleep(0.5)
+        (d / "x").write_text("first")
+
+    t = threading.Thread(target=c.put, args=("export", key, slow))
+    t.start()
+    time.sleep(0.1)
+    entry, hit = c.materialize("export", key, lambda d: calls.append("second"), tmp_path / "scratch")
+    t.join()
+    assert calls == ["first"] and hit and (entry / "x").read_text() == "first"

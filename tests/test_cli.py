@@ -97,7 +97,7 @@ def test_remote_code_is_refused(runner: CliRunner, tiny_bert: Path, tmp_path: Pa
     cfg["auto_map"] = {"AutoModel": "modeling_x.XModel"}
     (m / "config.json").write_text(json.dumps(cfg))
     r = invoke(runner, "build", str(m), "--target", "host", "--out", str(out))
-    assert_one_line_error(r, 2, "--trust-remote-code")
+    assert_one_line_error(r, 2, "edgecompress does not run")
     assert_nothing_written(out)
 
 

@@ -90,23 +90,24 @@ def test_runner_fidelity_mode_reports_a_model_that_does_not_load(tmp_path: Path)
 
 
 def test_emulation_before_setup_names_the_setup_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import matmul_model
+
+    import edgecompress
+
     monkeypatch.setenv("EDGECOMPRESS_EMULATOR_DIR", str(tmp_path / "none"))
+    onnx.save(matmul_model(m=2, k=16, n=8), str(tmp_path / "mm.onnx"))  # a real bundle: it is verified first
+    b = tmp_path / "b"
+    edgecompress.build(tmp_path / "mm.onnx", target="host", recipe="fp32", out=b, runs=3)
     with pytest.raises(UsageError) as e:
-        emulate.emulate_bundle(tmp_path, "raspberry-pi-5")
+        emulate.emulate_bundle(b, "raspberry-pi-5")
     assert "edgecompress emulator setup" in e.value.one_line()
-    r = CliRunner().invoke(main, ["emulator", "run", str(tmp_path), "--target", "raspberry-pi-5"])
+    r = CliRunner().invoke(main, ["emulator", "run", str(b), "--target", "raspberry-pi-5"])
     assert r.exit_code == 2
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the Arm emulator is not set up")
     assert "`edgecompress emulator setup`" in lines[0]
     assert not (tmp_path / "none").exists()  # nothing written
-    from conftest import matmul_model
-
-    import edgecompress
-
-    onnx.save(matmul_model(m=2, k=16, n=8), str(tmp_path / "mm.onnx"))  # profile wants a real bundle first
-    edgecompress.build(tmp_path / "mm.onnx", target="host", recipe="fp32", out=tmp_path / "b", runs=3)
-    r = CliRunner().invoke(main, ["profile", str(tmp_path / "b"), "--target", "raspberry-pi-5", "--emulate"])
+    r = CliRunner().invoke(main, ["profile", str(b), "--target", "raspberry-pi-5", "--emulate"])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "`edgecompress emulator setup`" in r.output
 

@@ -124,6 +124,17 @@ def test_update_rewrites_manifest_and_report(bundle: Path, tmp_path: Path) -> No
     assert not [p for p in os.listdir(b) if p.startswith(".")]  # no temp files left behind
 
 
+def rehash(b: Path) -> None:
+    """Record a bundle's files as they are now in its manifest: a bundle is verified before it is profiled."""
+    from edgecompress.bundle import hash_bundle_files
+    from edgecompress.model import sha256_file
+
+    m = json.loads((b / "manifest.json").read_text())
+    m["artifact"].update(sha256=sha256_file(b / "model.onnx"), hashes=hash_bundle_files(b),
+                         files=sorted(p.name for p in b.iterdir()))
+    (b / "manifest.json").write_text(json.dumps(m))
+
+
 def test_out_of_memory_under_the_target_cap(bundle: Path, tmp_path: Path) -> None:
     from test_profiling import _big_activation_model, _cgroup_v1_writable
 
@@ -133,6 +144,7 @@ def test_out_of_memory_under_the_target_cap(bundle: Path, tmp_path: Path) -> Non
     b.mkdir()
     shutil.copy(bundle / "manifest.json", b / "manifest.json")
     _big_activation_model(b / "model.onnx", 40_000_000)
+    rehash(b)
     tiny = tmp_path / "tiny-board.toml"
     host_toml = (Path(__file__).resolve().parents[1] / "targets" / "host.toml").read_text()
     tiny.write_text(host_toml.replace('name = "host"', 'name = "tiny-board"')

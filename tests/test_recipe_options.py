@@ -28,6 +28,9 @@ def test_every_knob_is_a_flag_and_every_flag_a_knob() -> None:
     ({"int4_method": "awq"}, "unknown int4_method 'awq'", "unknown --int4-method 'awq'"),
     ({"block_size": 24}, "block_size must be a power of two", "--block-size must be a power of two"),
     ({"prune_ffn": 1.0}, "prune_ffn must be in [0, 1)", "--prune-ffn must be in [0, 1)"),
+    ({"prune_ffn": float("nan")}, "prune_ffn must be a finite number", "--prune-ffn must be a finite number"),
+    ({"low_rank_energy": float("inf")}, "low_rank_energy must be a finite", "--low-rank-energy must be a finite"),
+    ({"codebook_bits": 4.5}, "codebook_bits must be an integer", "--codebook-bits must be an integer"),
 ])
 def test_api_and_cli_share_the_validation_and_name_their_own_spelling(values: dict, api: str, cli: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -11,6 +11,7 @@ Layering: imports nothing internal but errors.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,8 @@ class Option:
                     (self.type is int and isinstance(value, float) and not value.is_integer()):
                 raise ConfigError(f"{label} must be a{'n integer' if self.type is int else ' number'}, got {value!r}")
             value = self.type(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"{label} must be a finite number, got {value}")
         if self.choices and value not in self.choices:
             raise ConfigError(f"unknown {label} '{value}'", hint=f"use {'|'.join(self.choices)}")
         below = self.low is not None and (value <= self.low if self.low_open else value < self.low)

@@ -155,7 +155,9 @@ class BundleProfile:
 
 
 def read_bundle(bundle: Path) -> tuple[dict[str, Any], Path]:
-    """(manifest.json as a dict, the model path); a BundleError naming what is missing otherwise."""
+    """(manifest.json as a dict, the model path), every file the manifest names verified (verify_bundle).
+
+    A BundleError (exit 10) names what is missing or malformed; BundleTampered (exit 16) what does not match."""
     import json
 
     from edgecompress.errors import BundleError
@@ -164,17 +166,90 @@ def read_bundle(bundle: Path) -> tuple[dict[str, Any], Path]:
     if not bundle.is_dir():
         raise BundleError(f"not a bundle: {bundle} is not a directory", hint=hint)
     mpath = bundle / "manifest.json"
-    if not mpath.is_file():
+    if not mpath.is_file():  # is_file: a regular file (a FIFO would block the read)
         raise BundleError(f"not a bundle: {bundle} has no manifest.json", hint=hint)
+    if mpath.stat().st_size > 64 * 2**20:
+        raise BundleError(f"not a bundle: {mpath} is larger than 64 MiB", hint=hint)
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        model_name = manifest.get("artifact", {}).get("file", "model.onnx")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise BundleError(f"not a bundle: {mpath} is not a readable manifest ({e})", hint=hint) from None
-    model_path = bundle / str(model_name)
-    if not model_path.is_file():
-        raise BundleError(f"not a bundle: {bundle} has no {model_name}", hint=hint)
-    return manifest, model_path
+    if not isinstance(manifest, dict):
+        raise BundleError(f"not a bundle: {mpath} is not a JSON object", hint=hint)
+    for key, kind in (("source", dict), ("target", dict), ("recipe", dict), ("fidelity", dict), ("profile", dict),
+                      ("budgets", list)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise BundleError(f"malformed manifest {mpath}: '{key}' must be a JSON "
+                              f"{'object' if kind is dict else 'array'}", hint=hint)
+    return manifest, verify_bundle(bundle, manifest)
+
+
+def _named_file(bundle: Path, name: object, field: str) -> Path:
+    """A file the manifest names: a relative path that resolves (symlinks followed) inside the bundle."""
+    from edgecompress.errors import BundleError, BundleTampered
+
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise BundleError(f"malformed manifest in {bundle}: {field} must be a file name, got {name!r}")
+    p = bundle / name
+    root = bundle.resolve()
+    if Path(name).is_absolute() or root not in p.resolve().parents:
+        raise BundleTampered(f"bundle {bundle} failed verification: {field} '{name}' points outside the bundle",
+                             hint="rebuild the bundle; never profile a bundle from an untrusted source")
+    return p
+
+
+def verify_bundle(bundle: Path, manifest: dict[str, Any]) -> Path:
+    """Check every file the manifest names before anything reads it: inside the bundle, a regular file, and
+    matching its recorded sha256 (artifact.sha256 for the model, artifact.hashes for every other file; bundles of
+    older versions have only the first). Returns the model path."""
+    import re
+
+    from edgecompress.errors import BundleError, BundleTampered
+    from edgecompress.model import UnsafeExternalData, artifact_files, sha256_file
+
+    art = manifest.get("artifact")
+    if not isinstance(art, dict):
+        raise BundleError(f"malformed manifest in {bundle}: no artifact section",
+                          hint="give a directory written by `edgecompress build`")
+    model_path = _named_file(bundle, art.get("file", "model.onnx"), "artifact.file")
+    files = art.get("files", [])
+    hashes = art.get("hashes", {})
+    recorded = art.get("sha256")
+    if not isinstance(files, list) or not isinstance(hashes, dict) or not isinstance(recorded, str) \
+            or not re.fullmatch(r"[0-9a-f]{64}", recorded):
+        raise BundleError(f"malformed manifest in {bundle}: artifact.files must be a list, artifact.hashes a "
+                          "mapping and artifact.sha256 a sha256 hex digest",
+                          hint="give a directory written by `edgecompress build`")
+    tampered = "rebuild the bundle, or restore the file from the original build"
+    hint = "give a directory written by `edgecompress build` (model.onnx + manifest.json)"
+    for path in (model_path, *(_named_file(bundle, name, "artifact.files") for name in files)):
+        if not path.exists():
+            raise BundleError(f"not a bundle: {bundle} has no {path.relative_to(bundle)}", hint=hint)
+    checks = {model_path: recorded}
+    for name, digest in hashes.items():
+        if not isinstance(digest, str):
+            raise BundleError(f"malformed manifest in {bundle}: artifact.hashes['{name}'] is not a digest")
+        checks.setdefault(_named_file(bundle, name, "artifact.hashes"), digest)
+    for path, digest in checks.items():
+        if not path.is_file():
+            what = f"has no {path.relative_to(bundle)}" if not path.exists() else \
+                f"has {path.relative_to(bundle)}, which is not a regular file"
+            raise BundleError(f"not a bundle: {bundle} {what}", hint=hint)
+        if sha256_file(path) != digest:
+            raise BundleTampered(f"bundle {bundle} failed verification: {path.relative_to(bundle)} does not match "
+                                 "the sha256 in manifest.json (modified after the build)", hint=tampered)
+    try:
+        data_files = artifact_files(model_path)[1:]
+    except UnsafeExternalData as e:
+        raise BundleTampered(f"bundle {bundle} failed verification: {e}", hint=tampered) from None
+    except Exception as e:  # not ONNX at all: the recorded hash matched, so the build wrote it this way
+        raise BundleError(f"not a bundle: {model_path} is not a readable ONNX model "
+                          f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    unhashed = [p for p in data_files if hashes and p.relative_to(bundle).as_posix() not in hashes]
+    if unhashed:
+        raise BundleTampered(f"bundle {bundle} failed verification: {unhashed[0].name} is external data the "
+                             "manifest has no hash for", hint=tampered)
+    return model_path
 
 
 def bundle_dims(model: onnx.ModelProto, bundle: Path, target: Target) -> dict[str, int]:
@@ -256,7 +331,14 @@ def update_bundle(result: BundleProfile) -> None:
     if built_for != result.target.name:
         raise UsageError(f"--update: the bundle was built for '{built_for}', not '{result.target.name}'",
                          hint=f"profile it with --target {built_for}, or drop --update")
-    m = Manifest.from_dict(result.manifest)
+    verify_bundle(result.bundle, result.manifest)  # again: a file may have changed while we measured
+    try:
+        m = Manifest.from_dict(result.manifest)
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        from edgecompress.errors import BundleError
+
+        raise BundleError(f"--update: malformed manifest in {result.bundle} ({type(e).__name__}: {e})",
+                          hint="rebuild the bundle") from None
     # keep what the build added (e.g. fp32_baseline); a new measurement replaces the old measured sections
     m.profile = {**{k: v for k, v in m.profile.items() if k not in ("host", "device")}, **result.profile}
     m.budgets = result.budgets

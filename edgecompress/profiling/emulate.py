@@ -350,15 +350,14 @@ def emulate_bundle(bundle_dir: Path | str, target: str | Path | Target, *, max_t
     bundle = Path(bundle_dir)
     tgt = target if isinstance(target, Target) else load_target(target)
     cpu = qemu_cpu(tgt)
+    from edgecompress.profiling import read_bundle
+
+    manifest, model_path = read_bundle(bundle)  # every file the manifest names verified (exit 10 / 16)
     if Emulator(emulator_dir()).ready() is None:  # before any heavy work
         raise UsageError("the Arm emulator is not set up", hint=SETUP_HINT)
-    manifest_path = bundle / "manifest.json"
-    if not manifest_path.is_file():
-        raise UsageError(f"{bundle} is not an edgecompress bundle (no manifest.json)",
-                         hint="give the --out directory of `edgecompress build`")
-    manifest = json.loads(manifest_path.read_text())
-    task = manifest["source"]["task"]
-    model_path = bundle / manifest["artifact"]["file"]
+    task = (manifest.get("source") or {}).get("task")
+    if task not in export.SUPPORTED_TASKS:
+        raise UsageError(f"{bundle}: its manifest names no task edgecompress can emulate ({task!r})")
     model_files = [model_path, *(bundle / f for f in manifest["artifact"]["files"]
                                  if f.startswith(model_path.name) and f != model_path.name)]
     import onnx

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -113,6 +114,10 @@ class HostProfile:
         return d
 
 
+# one input tensor of more than this many elements (2 GiB of float32) is a declared dimension gone wrong
+MAX_INPUT_ELEMENTS = 2**29
+
+
 def input_specs(model_path: Path, dims: dict[str, int], vocab_size: int | None) -> list[dict[str, Any]]:
     """What the runner feeds: random token ids, a full attention mask, zeros elsewhere."""
     m = onnx.load(str(model_path), load_external_data=False)
@@ -131,6 +136,10 @@ def input_specs(model_path: Path, dims: dict[str, int], vocab_size: int | None) 
             else:
                 raise ProfileError(f"input '{inp.name}' has a dimension '{d.dim_param}' the workload does not set")
         dtype = _ONNX_TO_NUMPY.get(t.elem_type, "float32")
+        if any(n < 0 for n in shape) or math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise ProfileError(f"input '{inp.name}' has shape {shape}: more than {MAX_INPUT_ELEMENTS:,} elements "
+                               "(or a negative dimension) cannot be fed", hint="check the model's input dims and "
+                                                                             "the target's workload")
         if inp.name == "input_ids":
             fill = "ids"
         elif inp.name == "attention_mask":
@@ -194,6 +203,7 @@ class MemoryCap:
         parent = _own_memory_cgroup(self.root)
         if parent is None or not (parent / "memory.limit_in_bytes").is_file():
             return f"no cgroup-v1 memory controller at {self.root}"
+        collect_stale_cgroups(parent)
         path = parent / f"edgecompress-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             path.mkdir()
@@ -289,11 +299,46 @@ def limited_command(cmd: list[str], *, cores: int | None, memory_mb: float | Non
         cap.remove()
 
 
+_TMP_PREFIX = "edgecompress-prof-"
+
+
+def collect_stale_temp_dirs(root: Path | None = None) -> list[Path]:
+    """Remove the profiler temp dirs (`edgecompress-prof-<pid>-*`) of processes that no longer exist: a SIGKILL
+    skips TemporaryDirectory's cleanup."""
+    from edgecompress.locks import pid_alive
+
+    removed: list[Path] = []
+    base = Path(root or tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for p in base.glob(f"{_TMP_PREFIX}*"):
+            pid = p.name[len(_TMP_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and p.is_dir() \
+                    and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def collect_stale_cgroups(parent: Path) -> list[Path]:
+    """Remove our memory cgroups (`edgecompress-<pid>-<hex>`) whose creator is dead (rmdir: only empty ones)."""
+    from edgecompress.locks import dead_owner
+
+    removed: list[Path] = []
+    with contextlib.suppress(OSError):
+        for p in parent.glob("edgecompress-*"):
+            if dead_owner(p.name):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+                    removed.append(p)
+    return removed
+
+
 def run_runner(spec: dict[str, Any], timeout_s: float = 600.0, *, cores: int | None = None,
                memory_mb: float | None = None, cgroup_root: Path = CGROUP_V1_MEMORY
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run runner.py on `spec` in a new process with only numpy and onnxruntime loaded: (result, limits)."""
-    with tempfile.TemporaryDirectory(prefix="edgecompress-prof-") as tmp:
+    collect_stale_temp_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{_TMP_PREFIX}{os.getpid()}-") as tmp:
         spec = {**spec, "work_dir": tmp}
         spec_path = Path(tmp) / "spec.json"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}

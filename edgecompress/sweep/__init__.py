@@ -162,8 +162,12 @@ def sweep(models: list[str | None], targets: list[str], recipes: list[str], out:
 
     if not models or not targets or not recipes:
         raise UsageError("a sweep needs at least one model, one target and one recipe")
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory", hint="choose a directory path")
+    check_sweep_inputs(models, targets, recipes, executor=executor, workers=workers, runs=runs,
+                       eval_file=eval_file, calibration=calibration, text_column=text_column)
+    check_sweep_out(out)
     t0 = time.perf_counter()
     jobs = plan_jobs(models, targets, recipes, out, runs=runs, eval_file=eval_file, calibration=calibration,
                      text_column=text_column)
@@ -180,6 +184,7 @@ def sweep(models: list[str | None], targets: list[str], recipes: list[str], out:
             v = library_versions()
             ex.check_versions({"edgecompress": v["edgecompress"], "onnxruntime": v["onnxruntime"]})
         out.mkdir(parents=True, exist_ok=True)
+        (out / SWEEP_MARKER).touch()
         started: dict[str, float] = {}
         for spec in jobs:
             base = JobResult(spec.name, spec.model_name, spec.target, spec.recipe, status="")
@@ -199,6 +204,57 @@ def sweep(models: list[str | None], targets: list[str], recipes: list[str], out:
     results.sort(key=lambda r: (r.model, r.target, r.recipe))
     files = write_results(out, results)
     return SweepResult(str(out), ex.name, results, time.perf_counter() - t0, files)
+
+
+SWEEP_MARKER = ".edgecompress-sweep"  # written into --out: a sweep resumes there and rewrites its results files
+
+
+def check_sweep_out(out: Path) -> None:
+    """A sweep writes results.csv, summary.md, plots and one bundle per job into --out: only into a new or empty
+    directory or one a sweep made (its marker, or results.json from an older version), never over a user's files."""
+    if out.is_symlink():
+        raise UsageError(f"--out {out} is a symlink", hint="give the directory itself")
+    if not out.is_dir() or (out / SWEEP_MARKER).is_file() or (out / "results.json").is_file():
+        return
+    if any(out.iterdir()):
+        raise UsageError(f"--out {out} is a non-empty directory that no sweep wrote",
+                         hint="give a new or empty directory, or the --out of an earlier sweep to resume it")
+
+
+def check_sweep_inputs(models: list[str | None], targets: list[str], recipes: list[str], *, executor: str,
+                       workers: int | None, runs: int, eval_file: Path | None, calibration: Path | None,
+                       text_column: str | None) -> None:
+    """What every job shares, checked once before anything is written: a bad --eval or target is a usage error
+    (exit 2), not the same failure repeated in every job."""
+    from edgecompress.calibration import load_texts
+    from edgecompress.inputs import MAX_RUNS, MAX_THREADS, check_int
+    from edgecompress.recipes import RECIPES
+    from edgecompress.sweep.executors import check_executor
+    from edgecompress.targets import load_target
+
+    check_int("--runs", runs, 1, MAX_RUNS)
+    if workers is not None:
+        check_int("--workers", workers, 1, MAX_THREADS)
+    check_executor(executor)
+    for what, items in (("models", [str(m) for m in models]), ("targets", targets), ("recipes", recipes)):
+        dup = next((x for i, x in enumerate(items) if x in items[:i]), None)
+        if dup is not None:
+            raise ConfigError(f"--{what} names '{dup}' twice", hint="give each once")
+    for r in recipes:
+        if r != "auto" and r not in RECIPES:
+            raise ConfigError(f"unknown recipe '{r}'", hint=f"known: {', '.join(RECIPES)}, auto")
+    for t in targets:
+        load_target(t)
+    from edgecompress.llm import SMOLLM2_ALIASES
+    from edgecompress.pipeline import BUNDLED_ALIASES
+
+    for m in models:
+        if m is not None and m not in BUNDLED_ALIASES + SMOLLM2_ALIASES and not Path(m).exists():
+            raise ConfigError(f"model not found: {m}", hint="give a model directory, a .onnx or .gguf file, or "
+                                                            "minilm / smollm2")
+    for f in (eval_file, calibration):
+        if f is not None:
+            load_texts(f, text_column)
 
 
 def job_summary(m: Any) -> dict[str, Any]:

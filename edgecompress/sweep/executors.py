@@ -157,13 +157,24 @@ class DaskExecutor:
         self.client.close()
 
 
-def make_executor(spec: str, workers: int | None = None) -> Executor:
+def check_executor(spec: str) -> str | None:
+    """The Dask scheduler address of `spec` (tcp://HOST:PORT), None for local; ConfigError when malformed."""
     if spec == "local":
-        return LocalExecutor(workers)
-    if spec.startswith("dask://"):
-        address = "tcp://" + spec[len("dask://"):]
+        return None
+    if not isinstance(spec, str) or not spec.startswith("dask://"):
+        raise ConfigError(f"unknown executor '{spec}'", hint="use local or dask://HOST:PORT")
+    address = "tcp://" + spec[len("dask://"):]
+    try:
         parsed = urlparse(address)
-        if not parsed.hostname or not parsed.port:
-            raise ConfigError(f"malformed executor '{spec}'", hint="use dask://HOST:PORT")
-        return DaskExecutor(address)
-    raise ConfigError(f"unknown executor '{spec}'", hint="use local or dask://HOST:PORT")
+        port = parsed.port
+    except ValueError as e:  # a port that is not a number, or out of range
+        raise ConfigError(f"malformed executor '{spec}': {e}", hint="use dask://HOST:PORT") from None
+    if not parsed.hostname or not port or parsed.path not in ("", "/") or parsed.query or parsed.fragment \
+            or parsed.username or parsed.password:
+        raise ConfigError(f"malformed executor '{spec}'", hint="use dask://HOST:PORT")
+    return address
+
+
+def make_executor(spec: str, workers: int | None = None) -> Executor:
+    address = check_executor(spec)
+    return LocalExecutor(workers) if address is None else DaskExecutor(address)
