@@ -2,7 +2,7 @@
 
 Variants: FP32 ONNX (optimum export), ORT dynamic int8 per-channel, ORT MatMulNBits 4-bit RTN block 32 with the
 4-bit Gather, codebooks at 3/4/5/6/8 bits (uniform), the mixed-bit codebook under 13.5 MB, and the pruning and
-low-rank passes when this edgecompress has them (passes/prune.py, passes/lowrank.py).
+low-rank passes when this edgecompress has them (passes/prune/, passes/lowrank.py).
 
 For each: size (MB, 1e6 bytes), cosine of mean-pooled embeddings vs PyTorch FP32 on the built-in evaluation texts
 (mean, 1st percentile, min), b8 x seq128 latency on one thread (median, interleaved rounds, ratio to FP32 in the
@@ -113,7 +113,7 @@ def variants(calibration: Callable[[], Iterator[dict[str, np.ndarray]]], info: A
     return out
 
 
-# --- the structural passes (passes/prune.py, passes/lowrank.py), each followed by the 4-bit codebook -------------
+# --- the structural passes (passes/prune/, passes/lowrank.py), each followed by the 4-bit codebook -------------
 
 def structural_variants(calibration: Callable[[], Iterator[dict[str, np.ndarray]]], info: Any) -> list[Variant]:
     from edgecompress.passes.codebook import Codebook, CodebookConfig

@@ -70,15 +70,21 @@ def build(
     cache: bool = True,
     package: str | None = None,
     progress: Progress | None = None,
+    max_candidates: int | None = None,
+    time_budget_s: float | None = None,
+    keep_best: bool = False,
     **recipe_options: Any,
 ) -> Manifest:
     """Same as `edgecompress build`: returns the Manifest; raises EdgeCompressError subclasses.
 
+    Recipe knobs are keyword arguments named as the flags without dashes (codebook_bits=3), validated by the same
+    declarations as the flags (a knob the recipe does not read is a ConfigError). `recipe="auto"` searches
+    (max_candidates, time_budget_s, keep_best as --max-candidates, --time-budget, --keep-best).
     A failed budget is not an exception: check `manifest.passed` / `manifest.failed_budgets`. `package="ort-mobile"`
     adds model.ort (None: the target's default). Errors name these arguments (force=True), not the CLI's flags.
     """
+    from edgecompress.api import build_bundle
     from edgecompress.pipeline import BuildOptions
-    from edgecompress.pipeline import build as _build
     from edgecompress.recipes import RecipeOptions
 
     # values of the wrong type pass through unconverted, so that pipeline.plan refuses them as the CLI would
@@ -88,7 +94,8 @@ def build(
         recipe_options=RecipeOptions(**recipe_options), package=package,
     )
     try:
-        return _build(opts, progress)
+        return build_bundle(opts, progress, max_candidates=max_candidates, time_budget_s=time_budget_s,
+                            keep_best=keep_best)
     except EdgeCompressError as e:  # the same error, in this function's words (force=True, not --force)
         e.message = api_words(e.message)
         e.hint = api_words(e.hint) if e.hint else e.hint

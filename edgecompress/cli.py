@@ -144,41 +144,21 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.ensure_object(dict)
 
 
-# Recipe knobs: each maps to a RecipeOptions field of the same name (validated there, so errors are exit 2).
-_RECIPE_FLAGS: tuple[tuple[str, Any, str], ...] = (
-    ("--calibration-method", click.Choice(["minmax", "entropy", "percentile"]),
-     "int8-static/int8-mixed: how activation ranges are calibrated [default: minmax]."),
-    ("--calibration-samples", click.IntRange(min=1), "Calibration texts to use, a seeded choice [default: 256]."),
-    ("--block-size", int, "int4: weights per quantization block, a power of two >= 16 [default: 32]."),
-    ("--int4-method", click.Choice(["rtn", "hqq", "gptq"]), "int4: how blocks are quantized [default: rtn]."),
-    ("--codebook-bits", int, "codebook: bits per weight index, 2..8 [default: 4]."),
-    ("--codebook-granularity", click.Choice(["tensor", "channel"]),
-     "codebook: one codebook per tensor or per output channel [default: channel]."),
-    ("--codebook-base", click.Choice(["per-token", "dynamic"]),
-     "codebook: the int8 graph under it, per-token activation scales or ORT dynamic int8 [default: per-token]."),
-    ("--codebook-keep-float", click.IntRange(min=0),
-     "codebook: the N MatMuls most sensitive to activation quantization keep float activations (slower) "
-     "[default: 0]."),
-    ("--prune-ffn", float, "Remove this share of every FFN's intermediate neurons, in [0, 1) [default: 0]."),
-    ("--prune-heads", float, "Remove this share of attention heads, in [0, 1) [default: 0]."),
-    ("--prune-schedule", click.Choice(["uniform", "adaptive"]),
-     "Per-layer pruning ratios: uniform, or adaptive to layer sensitivity [default: uniform]."),
-    ("--prune-recovery", click.Choice(["none", "bias", "refit"]),
-     "Recovery after pruning: none, bias compensation, or least-squares refit [default: refit]."),
-    ("--low-rank-energy", float, "Factor MatMul weights by truncated SVD keeping this energy, e.g. 0.95."),
-)
-
-
 def recipe_option_flags(fn: F) -> F:
-    for flag, type_, help_ in reversed(_RECIPE_FLAGS):
-        fn = click.option(flag, type=type_, default=None, help=help_)(fn)
+    """One flag per recipe knob, derived from the knobs the registered passes declare (passes/options.py): a new
+    knob is a pass config field, never an edit here. Values are validated by the declaration (RecipeOptions),
+    the same code path as the Python API, so a bad value is a one-line ConfigError naming the flag."""
+    from edgecompress.recipes import knob_default, knobs
+
+    for opt in reversed(list(knobs().values())):
+        fn = click.option(opt.flag, type=opt.type, default=None, help=opt.help_text(knob_default(opt.name)))(fn)
     return fn
 
 
 def _recipe_options(flags: dict[str, Any]) -> Any:
     from edgecompress.recipes import RecipeOptions
 
-    return RecipeOptions(**{k: v for k, v in flags.items() if v is not None})
+    return RecipeOptions.from_flags(flags)
 
 
 @main.command()
@@ -234,7 +214,6 @@ def build(model: Path | None, target: str, recipe: str | None, out: Path | None,
       edgecompress build --target raspberry-pi-4 --recipe auto --max-size-mb 15
     """
     from edgecompress.pipeline import BuildOptions
-    from edgecompress.pipeline import build as run_build
 
     _interrupt_on_sigterm()
     if recipe != "auto" and (max_candidates or time_budget or keep_best):
@@ -251,13 +230,10 @@ def build(model: Path | None, target: str, recipe: str | None, out: Path | None,
                             package=package)
 
     def run(progress: Any = None) -> Any:
-        opts = options()
-        if recipe == "auto":
-            from edgecompress.search import build_auto
+        from edgecompress.api import build_bundle
 
-            return build_auto(opts, progress, max_candidates=max_candidates, time_budget_s=time_budget,
-                              keep_best=keep_best)
-        return run_build(opts, progress)
+        return build_bundle(options(), progress, max_candidates=max_candidates, time_budget_s=time_budget,
+                            keep_best=keep_best)
 
     def body() -> int:
         if sys.stderr.isatty() and not as_json:
@@ -396,16 +372,20 @@ def targets_show(name: str) -> None:
 
 @main.command("recipes")
 def recipes_cmd() -> None:
-    """List the recipes and what each does.
+    """List the recipes, what each does, and the flags each reads.
 
     \b
     Example:
       edgecompress recipes
     """
-    from edgecompress.recipes import RECIPES
+    from edgecompress.recipes import RECIPES, recipe_knobs, structural_knobs
 
     for spec in RECIPES.values():
         click.echo(f"{spec.name:14s} {spec.description}")
+        if flags := recipe_knobs(spec):
+            click.echo(f"{'':14s} flags: {' '.join(o.flag for o in flags)}")
+    click.echo(f"{'any recipe':14s} structural passes first, when asked: "
+               f"{' '.join(o.flag for o in structural_knobs())}")
 
 
 @main.group()

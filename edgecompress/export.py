@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecompress import tasknames
 from edgecompress.errors import ExportError, ModelError
 from edgecompress.passes.base import Batch, ModelInfo
 
@@ -33,16 +34,16 @@ log = logging.getLogger(__name__)
 SUPPORTED_TASKS: dict[str, str] = {
     "feature-extraction": "last_hidden_state",
     "text-classification": "logits",
-    "text-generation-with-past": "logits",
+    tasknames.DECODER_TASK: "logits",
 }
 # Causal LMs exported with their KV cache as inputs/outputs (past_key_values.N.key/value, present.N.key/value).
-DECODER_TASKS = ("text-generation-with-past",)
+DECODER_TASKS = tasknames.DECODER_TASKS
 # An .onnx file given as MODEL: no export, fidelity against the file itself on seeded random inputs.
-ONNX_TASK = "onnx"
+ONNX_TASK = tasknames.ONNX_TASK
 # config.json "architectures" suffix -> task, for inference when --task is not given.
 _ARCH_SUFFIX_TASK = (
     ("ForSequenceClassification", "text-classification"),
-    ("ForCausalLM", "text-generation-with-past"),
+    ("ForCausalLM", tasknames.DECODER_TASK),
     ("ForMaskedLM", "fill-mask"),
     ("ForTokenClassification", "token-classification"),
     ("ForQuestionAnswering", "question-answering"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from edgecompress.tasknames import DECODER_TASK
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -33,11 +35,11 @@ METRICS: dict[str, Metric] = {
         Metric("kl_mean", False, "nats", ("text-classification",),
                "mean KL(reference || candidate) of the class distributions"),
         # decoders (causal LMs): judged on the evaluation text's tokens, next-token prediction
-        Metric("perplexity_ratio", False, "", ("text-generation-with-past",),
+        Metric("perplexity_ratio", False, "", (DECODER_TASK,),
                "perplexity on the evaluation text / the reference's perplexity on the same tokens"),
-        Metric("perplexity", False, "", ("text-generation-with-past",),
+        Metric("perplexity", False, "", (DECODER_TASK,),
                "perplexity (exp of mean next-token NLL) on the evaluation text"),
-        Metric("next_token_top1", True, "", ("text-generation-with-past",),
+        Metric("next_token_top1", True, "", (DECODER_TASK,),
                "share of positions whose arg-max next token matches the reference's"),
     )
 }
@@ -47,7 +49,7 @@ PRIMARY_METRIC: dict[str, str] = {
     "feature-extraction": "cosine_mean",
     "text-classification": "top1_agreement",
     "onnx": "cosine_mean",
-    "text-generation-with-past": "perplexity_ratio",
+    DECODER_TASK: "perplexity_ratio",
 }
 
 # The values a metric can take (inclusive), so a floor or ceiling outside them is refused as a typo: a cosine floor

@@ -1,4 +1,6 @@
-"""`build`: export -> recipe (passes) -> fidelity -> profile -> budgets -> bundle, in that order.
+"""`build`: export -> recipe (passes) -> fidelity -> profile -> budgets -> bundle, in that order, for one recipe.
+
+Layering: the search (search.py) and the public entry point (api.py) call this module; it imports neither.
 
 All inputs are validated before any heavy work starts, and everything is written into a staged directory that is
 renamed into place only at the end (bundle.StagedDir).
@@ -123,6 +125,9 @@ def plan(opts: BuildOptions) -> _Plan:
     validate_workload(info, target)
     recipe = make_recipe(opts.recipe or default_recipe(target.default_recipe, info.task), opts.recipe_options,
                          task=info.task)
+    for ps in recipe.passes:  # what the search would leave out; an explicit build still runs it
+        if (why := type(ps).requires(target, info)) is not None:
+            log.warning("%s cannot help on %s: %s", ps.name, target.name, why)
     eval_texts = load_texts(opts.eval, opts.text_column) if opts.eval else builtin_texts("evaluation")
     calib_texts = (load_texts(opts.calibration, opts.text_column) if opts.calibration
                    else builtin_texts("calibration"))
@@ -151,14 +156,9 @@ def build_key(p: _Plan, opts: BuildOptions, recipe: dict[str, Any] | None = None
 
 
 def build(opts: BuildOptions, progress: Progress | None = None) -> Manifest:
-    """Build a bundle. Raises EdgeCompressError subclasses; BuildInterrupted on Ctrl-C (nothing left behind).
-
-    `recipe="auto"` searches (search.build_auto); use that function directly for its controls.
-    """
-    if opts.recipe == "auto":
-        from edgecompress.search import build_auto
-
-        return build_auto(opts, progress)
+    """Build one recipe's bundle. Raises EdgeCompressError subclasses; BuildInterrupted on Ctrl-C (nothing left
+    behind). `recipe="auto"` is not a recipe: api.build_bundle dispatches it to the search (this module never
+    imports search, which is its client)."""
     p = plan(opts)
     try:
         with StagedDir(p.out, opts.force, protect=(p.model_dir,)) as stage:

@@ -1,111 +1,194 @@
-"""Recipes: a name -> an ordered list of passes.
+"""Recipes: a name -> an ordered list of passes, derived from the pass registry (passes/base.register).
 
-A new recipe is a new entry in RECIPES built from passes, never a new branch in the pipeline. Passes compose in a
-fixed order: structural passes (pruning, low-rank) first, then quantization or codebooks last.
+A new recipe is a new pass file with `@register(recipe=...)`, never an entry here or a branch in the pipeline.
+Passes compose in a fixed order: structural passes (pruning, low-rank), enabled by their knobs, first; then the
+recipe's pass for the model's task. The knobs (RecipeOptions) are the option fields of the registered pass configs
+(passes/options.py): the CLI flags, this module's validation and `edgecompress recipes` all read them there.
+
+Layering: imports passes (base, options) only; never pipeline, search or cli.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
 
 from edgecompress.errors import ConfigError
-from edgecompress.passes.base import Pass
-from edgecompress.passes.fp16 import Fp16, Fp16Config
-from edgecompress.passes.quantize_int4 import Int4Config, Int4WeightOnly
-from edgecompress.passes.quantize_int8 import (
-    DynamicInt8,
-    DynamicInt8Config,
-    MixedInt8,
-    MixedInt8Config,
-    StaticInt8,
-    StaticInt8Config,
-)
+from edgecompress.passes.base import Pass, WeightBytes, registered
+from edgecompress.passes.options import Option, field_options
+from edgecompress.tasknames import DECODER_TASK, DECODER_TASKS, ENCODER_TASKS
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-INT4_METHODS = ("rtn", "hqq", "gptq")
-CODEBOOK_GRANULARITIES = ("tensor", "channel")
-CODEBOOK_BASES = ("per-token", "dynamic")
-PRUNE_SCHEDULES = ("uniform", "adaptive")
-PRUNE_RECOVERIES = ("none", "bias", "refit")
-DECODER_TASK = "text-generation-with-past"  # = export.DECODER_TASKS[0]; recipes do not import export
-
-
-@dataclass(frozen=True)
-class RecipeOptions:
-    """Typed knobs a recipe may read. Each field belongs to one pass family; validated on construction, so a bad
-    value is a one-line usage error before any work starts."""
-
-    # static INT8 / int8-mixed (passes/quantize_int8.py)
-    calibration_method: str = "minmax"
-    calibration_samples: int = 256
-    # INT4 weight-only (passes/quantize_int4.py)
-    block_size: int = 32
-    int4_method: str = "rtn"
-    # weight-sharing codebooks (passes/codebook.py)
-    codebook_bits: int = 4
-    codebook_granularity: str = "channel"
-    # MatMuls most sensitive to run-time activation quantization that keep float activations under the codebooks
-    # (0: dynamic int8 everywhere, int8 speed)
-    codebook_keep_float: int = 0
-    # the int8 graph under the codebooks: per-token activation scales (default) or ORT dynamic int8 (per tensor)
-    codebook_base: str = "per-token"
-    # structured pruning (passes/prune.py): ratios in [0, 1); 0 = off
-    prune_ffn: float = 0.0
-    prune_heads: float = 0.0
-    prune_schedule: str = "uniform"
-    prune_recovery: str = "refit"
-    # low-rank factorization (passes/lowrank.py): SVD energy kept; None = off
-    low_rank_energy: float | None = None
-
-    def __post_init__(self) -> None:
-        def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
-            if value not in allowed:
-                raise ConfigError(f"unknown --{name.replace('_', '-')} '{value}'", hint=f"use {'|'.join(allowed)}")
-
-        one_of("calibration_method", self.calibration_method, CALIBRATION_METHODS)
-        one_of("int4_method", self.int4_method, INT4_METHODS)
-        one_of("codebook_granularity", self.codebook_granularity, CODEBOOK_GRANULARITIES)
-        one_of("codebook_base", self.codebook_base, CODEBOOK_BASES)
-        one_of("prune_schedule", self.prune_schedule, PRUNE_SCHEDULES)
-        one_of("prune_recovery", self.prune_recovery, PRUNE_RECOVERIES)
-        if self.calibration_samples < 1:
-            raise ConfigError(f"--calibration-samples must be at least 1, got {self.calibration_samples}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ConfigError(f"--block-size must be a power of two >= 16, got {self.block_size}",
-                              hint="use 16, 32, 64 or 128")
-        if not 2 <= self.codebook_bits <= 8:
-            raise ConfigError(f"--codebook-bits must be between 2 and 8, got {self.codebook_bits}")
-        if self.codebook_keep_float < 0:
-            raise ConfigError(f"codebook_keep_float must be >= 0, got {self.codebook_keep_float}")
-        for name in ("prune_ffn", "prune_heads"):
-            r = getattr(self, name)
-            if not 0.0 <= r < 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {r}",
-                                  hint="a ratio of the neurons/heads to remove, e.g. 0.3")
-        if self.low_rank_energy is not None and not 0.0 < self.low_rank_energy <= 1.0:
-            raise ConfigError(f"--low-rank-energy must be in (0, 1], got {self.low_rank_energy}",
-                              hint="the share of singular-value energy to keep, e.g. 0.95")
+FP32_DESCRIPTION = "export only: the FP32 ONNX model, verified against PyTorch"
 
 
 @dataclass(frozen=True)
 class RecipeSpec:
+    """A recipe: its pass per task (none for fp32), and what the search and the kernel check need to know."""
+
     name: str
     description: str
-    make: Callable[[RecipeOptions], list[Pass]]
-    # Whether the recipe claims integer/low-bit kernels (the int-kernel share check applies).
+    variants: Mapping[str, type[Pass[Any]]] = field(default_factory=dict)  # task -> the pass
     quantizing: bool = False
-    tasks: tuple[str, ...] = ("feature-extraction", "text-classification", "onnx")
-    # the passes for a decoder (causal LM) when they differ from `make`'s (passes/decoder.py); None: same as make
-    decoder: Callable[[RecipeOptions], list[Pass]] | None = None
+    tasks: tuple[str, ...] = ENCODER_TASKS
+    refusals: Mapping[str, str] = field(default_factory=dict)  # task -> why the recipe refuses it
+    search: tuple[dict[str, Any], ...] = ({},)
+    weight_bytes: Any = None  # WeightBytes | knobs -> WeightBytes
+
+    def pass_for(self, task: str | None) -> type[Pass[Any]] | None:
+        if not self.variants:
+            return None
+        return self.variants.get(task or ENCODER_TASKS[0]) or self.variants.get(ENCODER_TASKS[0])
+
+    def bytes_for(self, knobs: Mapping[str, Any]) -> WeightBytes | None:
+        return self.weight_bytes(knobs) if callable(self.weight_bytes) else self.weight_bytes
+
+    def requires(self, target: Any, info: Any = None) -> str | None:
+        """Why this recipe cannot help on the target (its pass's `requires`), or None."""
+        cls = self.pass_for(getattr(info, "task", None))
+        return cls.requires(target, info) if cls is not None else None
+
+
+@cache
+def _catalog() -> tuple[dict[str, RecipeSpec], tuple[type[Pass[Any]], ...], dict[str, Option]]:
+    """(recipes, structural passes, knobs) from the registry; computed once."""
+    recipes: dict[str, RecipeSpec] = {
+        "fp32": RecipeSpec("fp32", FP32_DESCRIPTION, tasks=(*ENCODER_TASKS, *DECODER_TASKS),
+                           weight_bytes=WeightBytes(4.0, 4.0, "fp32"))}
+    structural: list[type[Pass[Any]]] = []
+    knobs: dict[str, Option] = {}
+    for cls in registered():
+        reg = cls.registration
+        assert reg is not None
+        for _, (opt, _default) in field_options(cls.config_class).items():
+            if knobs.setdefault(opt.name, opt) != opt:
+                raise TypeError(f"knob {opt.name} is declared twice with different facts ({cls.__name__}): "
+                                "share one Option object")
+        if reg.structural:
+            structural.append(cls)
+            continue
+        spec = recipes.get(reg.recipe)
+        if spec is None:
+            recipes[reg.recipe] = RecipeSpec(reg.recipe, reg.description, {t: cls for t in reg.tasks}, reg.quantizes,
+                                             reg.tasks, dict(reg.refusals), reg.search or ({},), reg.weight_bytes)
+        else:  # another task's variant of a recipe (e.g. the decoder's int4)
+            recipes[reg.recipe] = RecipeSpec(
+                spec.name, spec.description or reg.description, {**spec.variants, **{t: cls for t in reg.tasks}},
+                spec.quantizing or reg.quantizes, (*spec.tasks, *reg.tasks),
+                {k: v for k, v in spec.refusals.items() if k not in reg.tasks},
+                spec.search + tuple(s for s in reg.search if s not in spec.search), spec.weight_bytes)
+    return recipes, tuple(structural), knobs
+
+
+class _Recipes(Mapping[str, RecipeSpec]):
+    """RECIPES, read from the registry on first use (importing every pass module is not free)."""
+
+    def __getitem__(self, name: str) -> RecipeSpec:
+        return _catalog()[0][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_catalog()[0])
+
+    def __len__(self) -> int:
+        return len(_catalog()[0])
+
+
+RECIPES: Mapping[str, RecipeSpec] = _Recipes()
+
+
+def structural_classes() -> tuple[type[Pass[Any]], ...]:
+    return _catalog()[1]
+
+
+def knobs() -> dict[str, Option]:
+    """Every recipe knob by name (API argument), in registration order."""
+    return dict(_catalog()[2])
+
+
+def knob_default(name: str) -> Any:
+    """A knob's default: its declared one, else the default of the first config field that is this knob."""
+    opt = knobs()[name]
+    if opt.default is not None:
+        return opt.default
+    for cls in registered():
+        for _, (o, default) in field_options(cls.config_class).items():
+            if o.name == name:
+                return None if o.enables and default else default
+    return None
+
+
+class RecipeOptions:
+    """The recipe knobs given (API arguments or CLI flags), each validated by its declaration on construction, so a
+    bad value is a one-line ConfigError (exit 2) before any work starts. Unset knobs read as their defaults.
+
+    `source` says how errors name a knob: "api" (codebook_bits) or "cli" (--codebook-bits).
+    """
+
+    __slots__ = ("_values", "source")
+
+    def __init__(self, _source: str = "api", **values: Any) -> None:
+        table = knobs()
+        checked: dict[str, Any] = {}
+        for name, value in values.items():
+            opt = table.get(name)
+            if opt is None:
+                close = difflib.get_close_matches(name, list(table), n=2)
+                shown = name if _source == "api" else "--" + name.replace("_", "-")
+                raise ConfigError(f"unknown recipe option '{shown}'",
+                                  hint=f"did you mean {' or '.join(close)}?" if close
+                                  else f"options: {', '.join(table)}")
+            checked[name] = opt.validate(value, opt.label(_source))
+        object.__setattr__(self, "_values", checked)
+        object.__setattr__(self, "source", _source)
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> RecipeOptions:
+        """From the CLI: flags left out (None) are not given."""
+        return cls("cli", **{k: v for k, v in flags.items() if v is not None})
+
+    @property
+    def given(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def label(self, name: str) -> str:
+        return knobs()[name].label(self.source)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._values:
+            return self._values[name]
+        if name in knobs():
+            return knob_default(name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("RecipeOptions is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RecipeOptions) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._values.items())))
+
+    def __repr__(self) -> str:
+        return f"RecipeOptions({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
+
+    def __reduce__(self) -> Any:  # picklable for sweep workers
+        return (_restore, (self.source, self._values))
+
+
+def _restore(source: str, values: dict[str, Any]) -> RecipeOptions:
+    return RecipeOptions(source, **values)
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
-    passes: tuple[Pass, ...]
+    passes: tuple[Pass[Any], ...]
     quantizing: bool
 
     def describe(self) -> dict[str, object]:
@@ -113,125 +196,33 @@ class Recipe:
                 "passes": [p.describe() for p in self.passes]}
 
 
-def _decoder_int4(o: RecipeOptions) -> list[Pass]:
-    """Decoders: untie lm_head, then grid-aware 4-bit (exact on GGUF Q4_1 weights) incl. lm_head and embedding."""
-    from edgecompress.passes.decoder import DecoderInt4, DecoderInt4Config
-
-    if o.int4_method != "rtn":
-        raise ConfigError(f"--int4-method {o.int4_method} is not available for decoders",
-                          hint="decoders use grid-aware rtn (exact on GGUF 4-bit weights): leave --int4-method out")
-    return [DecoderInt4(DecoderInt4Config(block_size=o.block_size))]
+def _enabled(cls: type[Pass[Any]], values: Mapping[str, Any]) -> bool:
+    return any(values.get(opt.name) for _, (opt, _) in field_options(cls.config_class).items() if opt.enables)
 
 
-def _decoder_codebook(o: RecipeOptions) -> list[Pass]:
-    """Decoders: codebooks decoded at load into MatMulNBits' 8-bit weights (never dynamic int8 activations)."""
-    if o.codebook_keep_float:
-        raise ConfigError("--codebook-keep-float applies to encoder codebooks only",
-                          hint="decoders keep float activations already: leave it out")
-    from edgecompress.passes.decoder import DecoderCodebook, DecoderCodebookConfig
-
-    return [DecoderCodebook(DecoderCodebookConfig(bits=o.codebook_bits, granularity=o.codebook_granularity,
-                                                  block_size=o.block_size))]
+def structural_passes(options: RecipeOptions, task: str | None = None) -> list[Pass[Any]]:
+    """Passes that change the graph's shape, run before any recipe's own passes (prune, then low-rank), each when
+    one of its enabling knobs is set. They compose with every recipe (e.g. `--recipe int8-dynamic --prune-ffn 0.3`)."""
+    values = options.given
+    return [cls(cls.configure(values, task)) for cls in structural_classes() if _enabled(cls, values)]
 
 
-RECIPES: dict[str, RecipeSpec] = {
-    spec.name: spec
-    for spec in (
-        RecipeSpec("fp32", "export only: the FP32 ONNX model, verified against PyTorch", lambda o: [],
-                   tasks=("feature-extraction", "text-classification", "onnx", DECODER_TASK)),
-        RecipeSpec(
-            "int8-dynamic",
-            "ONNX Runtime dynamic INT8: per-channel int8 weights (word-embedding Gather included), "
-            "activations quantized at run time",
-            lambda o: [DynamicInt8(DynamicInt8Config())],
-            quantizing=True,
-        ),
-        RecipeSpec(
-            "int8-static",
-            "ONNX Runtime static INT8 (QDQ) of the Linear MatMuls and embedding Gathers: per-channel int8 weights, "
-            "calibrated activation ranges (--calibration-method, --calibration-samples), U8S8/S8S8 and reduce_range "
-            "from the target's ISA; the most sensitive MatMuls keep float activations if the fidelity floor needs it",
-            lambda o: [StaticInt8(StaticInt8Config(calibration_method=o.calibration_method,
-                                                   calibration_samples=o.calibration_samples))],
-            quantizing=True,
-        ),
-        RecipeSpec(
-            "int8-mixed",
-            "INT8 with per-node sensitivity: activation outliers smoothed into the weights (SmoothQuant, alpha 0.7), "
-            "dynamic int8 with one activation scale per token (standard ops, ORT MatMulInteger) and per-row "
-            "embedding tables; the MatMuls whose quantized activations cost the most fidelity keep float "
-            "activations (int8 weights) until the fidelity floor holds",
-            lambda o: [MixedInt8(MixedInt8Config(calibration_method=o.calibration_method,
-                                                 calibration_samples=o.calibration_samples))],
-            quantizing=True,
-        ),
-        RecipeSpec(
-            "fp16",
-            "FP16 weights and compute (ONNX Runtime's transformer float16 converter), fp32 inputs and outputs; "
-            "for GPUs and CPUs with fp16 arithmetic",
-            lambda o: [Fp16(Fp16Config())],
-        ),
-        RecipeSpec(
-            "int4",
-            "4-bit weight-only blockwise (ONNX Runtime MatMulNBits; word-embedding Gather included), "
-            "float activations; --block-size, --int4-method rtn|hqq|gptq",
-            lambda o: [Int4WeightOnly(Int4Config.from_options(o))],
-            quantizing=True,
-            tasks=("feature-extraction", "text-classification", "onnx", DECODER_TASK),
-            decoder=_decoder_int4,
-        ),
-        RecipeSpec(
-            "codebook",
-            "weight-sharing codebooks: int8 (per-token activation scales, --codebook-base) whose weights (word "
-            "embedding included) are stored as "
-            "--codebook-bits indices into per-channel (--codebook-granularity) int8 codebooks and decoded to int8 "
-            "at load; tensors sensitive on calibration data get more bits while the size budget allows",
-            lambda o: [_codebook_pass(o)],
-            quantizing=True,
-            tasks=("feature-extraction", "text-classification", "onnx", DECODER_TASK),
-            # decoders: decoded into MatMulNBits 8-bit weights, activations int8 per block (passes/decoder.py)
-            decoder=_decoder_codebook,
-        ),
-    )
-}
+def recipe_knobs(spec: RecipeSpec) -> list[Option]:
+    """The knobs a recipe's own passes read (any task), in declaration order."""
+    seen: dict[str, Option] = {}
+    for cls in spec.variants.values():
+        for _, (opt, _) in field_options(cls.config_class).items():
+            seen.setdefault(opt.name, opt)
+    return list(seen.values())
 
 
-def _codebook_pass(options: RecipeOptions) -> Pass:
-    from edgecompress.passes.codebook import Codebook
-
-    return Codebook.from_options(options)
-
-
-def structural_passes(options: RecipeOptions, task: str | None = None) -> list[Pass]:
-    """Passes that change the graph's shape, run before any recipe's own passes: prune, then low-rank.
-
-    They compose with every recipe (e.g. `--recipe int8-dynamic --prune-ffn 0.3`).
-    """
-    passes: list[Pass] = []
-    try:
-        if options.prune_ffn > 0 or options.prune_heads > 0:
-            from edgecompress.passes.prune import StructuredPrune
-
-            prune = StructuredPrune.from_options(options)
-            if task == DECODER_TASK:  # a pruned down_proj keeps K a multiple of the decoder kernels' block
-                prune = StructuredPrune(replace(prune.config, keep_multiple=options.block_size))
-            passes.append(prune)
-        if options.low_rank_energy is not None:
-            from edgecompress.passes.lowrank import LowRank
-
-            passes.append(LowRank.from_options(options))
-    except ImportError as e:
-        raise ConfigError(f"this edgecompress has no {e.name}", hint="upgrade edgecompress") from None
-    return passes
-
-
-# Why a recipe refuses decoders (causal LMs), shown with the refusal.
-DECODER_REFUSALS = {
-    "int8-dynamic": "ORT dynamic int8 (per-channel) breaks decoders: perplexity in the millions on SmolLM2",
-    "int8-static": "static int8 activations are not calibrated for KV-cache decoders here",
-    "int8-mixed": "built on dynamic int8, which breaks decoders (perplexity in the millions on SmolLM2)",
-    "fp16": "the float16 converter is not validated on KV-cache decoders yet",
-}
+def structural_knobs() -> list[Option]:
+    """The knobs of the structural passes, which compose with every recipe."""
+    seen: dict[str, Option] = {}
+    for cls in structural_classes():
+        for _, (opt, _) in field_options(cls.config_class).items():
+            seen.setdefault(opt.name, opt)
+    return list(seen.values())
 
 
 def default_recipe(target_default: str, task: str) -> str:
@@ -242,6 +233,29 @@ def default_recipe(target_default: str, task: str) -> str:
     return "int4" if task in RECIPES["int4"].tasks else "fp32"
 
 
+def _check_applicable(name: str, task: str | None, classes: list[type[Pass[Any]]], options: RecipeOptions) -> None:
+    """A knob that nothing in this recipe reads is an error (it used to be ignored silently)."""
+    read = {opt.name for cls in classes for _, (opt, _) in field_options(cls.config_class).items()}
+    enabling = {opt.name for cls in structural_classes() for _, (opt, _) in field_options(cls.config_class).items()
+                if opt.enables}
+    for knob in options.given:
+        if knob in read or knob in enabling:
+            continue
+        owners = [cls for cls in structural_classes()
+                  if knob in {o.name for _, (o, _) in field_options(cls.config_class).items()}]
+        if owners:  # a structural pass's knob without the knob that turns it on
+            ons = [knobs()[o.name].label(options.source) for _, (o, _) in field_options(owners[0].config_class).items()
+                   if o.enables]
+            raise ConfigError(f"{options.label(knob)} does nothing without {' or '.join(ons)}",
+                              hint=f"give {' or '.join(ons)}, or leave {options.label(knob)} out")
+        users = [r.name for r in RECIPES.values()
+                 if any(knob in {o.name for _, (o, _) in field_options(c.config_class).items()}
+                        for c in r.variants.values())]
+        for_task = f" for {task} models" if task and name in users else ""  # another task's variant reads it
+        raise ConfigError(f"{options.label(knob)} does not apply to recipe '{name}'{for_task}",
+                          hint=f"it applies to {', '.join(users)}; leave it out" if users else "leave it out")
+
+
 def make_recipe(name: str, options: RecipeOptions | None = None, task: str | None = None) -> Recipe:
     spec = RECIPES.get(name)
     if spec is None:
@@ -249,11 +263,19 @@ def make_recipe(name: str, options: RecipeOptions | None = None, task: str | Non
         hint = f"did you mean {' or '.join(close)}?" if close else f"recipes: {', '.join(RECIPES)}"
         raise ConfigError(f"unknown recipe '{name}'", hint=hint)
     if task is not None and task not in spec.tasks:
-        why = DECODER_REFUSALS.get(name, "") if task == DECODER_TASK else ""
+        why = spec.refusals.get(task, "")
         raise ConfigError(f"recipe '{name}' does not apply to {task} models" + (f": {why}" if why else ""),
                           hint=f"it supports {', '.join(spec.tasks)}")
     options = options or RecipeOptions()
-    make = spec.decoder if task == DECODER_TASK and spec.decoder is not None else spec.make
+    values = options.given
+    classes = [cls for cls in structural_classes() if _enabled(cls, values)]
+    own = spec.pass_for(task)
+    if own is not None:
+        classes.append(own)
+    _check_applicable(name, task, classes, options)
     return Recipe(name=spec.name, description=spec.description,
-                  passes=(*structural_passes(options, task), *make(options)),
-                  quantizing=spec.quantizing)
+                  passes=tuple(cls(cls.configure(values, task)) for cls in classes), quantizing=spec.quantizing)
+
+
+__all__ = ["DECODER_TASK", "RECIPES", "Recipe", "RecipeOptions", "RecipeSpec", "default_recipe", "knobs",
+           "make_recipe", "structural_passes"]

@@ -11,15 +11,13 @@ import html
 from typing import Any
 
 from edgecompress.manifest import Manifest
+from edgecompress.tasknames import DECODER_TASK
 
 
 def _num(x: object) -> str:
     if isinstance(x, float):
         return f"{x:.4f}" if abs(x) < 10 else f"{x:,.1f}"
     return str(x)
-
-
-DECODER_TASK = "text-generation-with-past"  # = export.DECODER_TASKS[0]
 
 
 def _counted(m: Manifest) -> str:
@@ -190,7 +188,7 @@ def load_snippets(m: Manifest) -> list[tuple[str, str]]:
     elif task == "text-classification":
         out.append(("optimum", f'from optimum.onnxruntime import ORTModelForSequenceClassification\n'
                                f'model = ORTModelForSequenceClassification.from_pretrained("{d}")'))
-    elif task == "text-generation-with-past":
+    elif task == DECODER_TASK:
         out.append(("optimum + the chat template in the bundle",
                     f'from optimum.onnxruntime import ORTModelForCausalLM\n'
                     f'from transformers import AutoTokenizer\n'

@@ -8,6 +8,10 @@
 3. The rest are built (sharing the cached export and reference) and measured like any build.
 4. The choice: the candidate within every budget with the best fidelity; ties go to the smaller, then the faster.
 5. Every candidate, with its figures and why it was rejected or not chosen, goes into the manifest and report.
+
+The grid, the predictions' weight bytes and the exclusions are read from the pass registry (passes/base.register:
+`search`, `weight_bytes`, `requires`), never listed here. Layering: a client of pipeline (one recipe's build);
+api.build_bundle dispatches `--recipe auto` here; pipeline never imports this module.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +31,14 @@ from edgecompress.cache import Cache
 from edgecompress.errors import BuildInterrupted, EdgeCompressError, UsageError
 from edgecompress.manifest import Manifest
 from edgecompress.metrics import METRICS, PRIMARY_METRIC
+from edgecompress.passes.base import WeightBytes
+from edgecompress.pipeline import build, build_key, plan
 from edgecompress.progress import NullProgress, Progress
-from edgecompress.recipes import DECODER_REFUSALS, DECODER_TASK, RECIPES, RecipeOptions, make_recipe
+from edgecompress.recipes import RECIPES, RecipeOptions, make_recipe
 from edgecompress.targets import Target
 
 log = logging.getLogger(__name__)
 
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 # A prediction must miss a budget by this factor before a candidate is rejected unbuilt: predictions are rough.
 PREDICTION_MARGIN = 1.25
 
@@ -49,67 +54,33 @@ class Candidate:
         return f"{self.recipe}[{opts}]" if opts else self.recipe
 
 
-# (recipe, options) to try, in order; entries whose recipe or option fields do not exist are skipped.
-GRID: tuple[Candidate, ...] = (
-    Candidate("fp32"),
-    Candidate("fp16"),
-    Candidate("int8-dynamic"),
-    Candidate("int8-static"),
-    Candidate("int8-mixed"),
-    Candidate("int4"),
-    Candidate("int4", {"int4_method": "gptq"}),  # MiniLM: 14.67 MB at cosine 0.9885 (plain RTN: 0.972)
-    Candidate("codebook", {"codebook_bits": 6}),
-    Candidate("codebook", {"codebook_bits": 4}),
-    # 6 sensitive MatMuls keep float activations: MiniLM at 15 MB, cosine 0.9926 (0.9884 without), ~1.4x slower
-    Candidate("codebook", {"codebook_bits": 4, "codebook_keep_float": 6}),
-    Candidate("codebook", {"codebook_bits": 3}),
-    Candidate("int8-dynamic", {"prune_ffn": 0.25}),
-    Candidate("codebook", {"codebook_bits": 4, "prune_ffn": 0.25}),
-    Candidate("int4", {"prune_ffn": 0.25}),
-)
+def grid() -> tuple[Candidate, ...]:
+    """(recipe, knobs) to try, in order, from the registry: each recipe's declared search values (recipes in
+    their registered order), then each structural pass's values composed with the recipes it names."""
+    from edgecompress.recipes import RECIPES, structural_classes
 
-# Weight bytes per parameter (MatMul/Gemm weights, word-embedding Gather) and matmul compute precision, per
-# recipe: what the prediction step assumes before building.
-_PREDICT = {
-    "fp32": (4.0, 4.0, "fp32"),
-    "fp16": (2.0, 2.0, "fp16"),
-    "int8-dynamic": (1.0, 1.0, "int8"),
-    "int8-static": (1.0, 1.0, "int8"),
-    "int8-mixed": (1.1, 1.0, "int8"),
-    "int4": (0.5 + 2 / 32, 0.5 + 2 / 32, "int4"),
-    "codebook": (None, None, "int8"),  # bits/8 on disk, int8 resident
-}
-
-
-def _why_not_on_target(recipe: str, target: Target) -> str | None:
-    """Why a recipe cannot help on this target, or None."""
-    gpu = any(p in GPU_PROVIDERS for p in target.runtime.providers)
-    isa = target.hardware.isa
-    if recipe == "fp16" and not gpu and "fp16" not in isa:
-        return "the CPU has no fp16 arithmetic (fp16 would run as fp32 with casts)"
-    if recipe in ("int8-dynamic", "int8-mixed", "codebook") and gpu:
-        return "dynamic int8 (MatMulInteger/DynamicQuantizeLinear) has no GPU kernels: it falls back to the CPU"
-    if recipe.startswith("int8") and not gpu and not isa & {"avx2", "avx512_vnni", "avx_vnni", "neon", "dotprod"}:
-        return "the CPU has no int8 dot-product path"
-    return None
+    out = [Candidate(spec.name, dict(knobs)) for spec in RECIPES.values() for knobs in spec.search]
+    for cls in structural_classes():
+        reg = cls.registration
+        assert reg is not None
+        out += [Candidate(recipe, {**knobs, **own}) for own in reg.search for recipe, knobs in reg.compose
+                if recipe in RECIPES]
+    return tuple(out)
 
 
 def candidates(task: str, target: Target, max_candidates: int | None = None
                ) -> tuple[list[Candidate], list[dict[str, str]]]:
     """(candidates to consider, excluded ones with the reason)."""
-    option_fields = {f.name for f in fields(RecipeOptions)}
     keep: list[Candidate] = []
     excluded: list[dict[str, str]] = []
-    for c in GRID:
-        spec = RECIPES.get(c.recipe)
-        if spec is None or not set(c.options) <= option_fields:
-            continue  # not available in this version
+    for c in grid():
+        spec = RECIPES[c.recipe]
         if task not in spec.tasks:
-            why = DECODER_REFUSALS.get(c.recipe) if task == DECODER_TASK else None  # the recipe's own reason
+            why = spec.refusals.get(task)  # the recipe's own reason
             excluded.append({"candidate": c.name,
                              "reason": f"does not apply to {task} models" + (f": {why}" if why else "")})
             continue
-        if (why := _why_not_on_target(c.recipe, target)) is not None:
+        if (why := spec.requires(target)) is not None:
             excluded.append({"candidate": c.name, "reason": why})
             continue
         try:
@@ -155,14 +126,14 @@ def _weight_params(model: onnx.ModelProto) -> tuple[int, int, int]:
 def predict(c: Candidate, fp32: onnx.ModelProto, target: Target, dims: dict[str, int]) -> Prediction:
     mm, ga, other = _weight_params(fp32)
     keep = 1.0 - 0.5 * float(c.options.get("prune_ffn", 0.0))  # FFN is about half of a transformer's matmuls
-    mm_b, ga_b, precision = _PREDICT.get(c.recipe, (4.0, 4.0, "fp32"))
-    if c.recipe == "codebook":
-        bits = float(c.options.get("codebook_bits", 4))
-        disk = (mm * keep + ga) * bits / 8 + other * 4
-        resident = (mm * keep + ga) * 1.0 + other * 4
+    wb = RECIPES[c.recipe].bytes_for(c.options) if c.recipe in RECIPES else None
+    wb = wb or WeightBytes(4.0, 4.0, "fp32")
+    precision = wb.precision
+    if wb.resident is not None:  # codebooks: one rate on disk, another once decoded at load
+        disk = (mm * keep + ga) * wb.matmul + other * 4
+        resident = (mm * keep + ga) * wb.resident + other * 4
     else:
-        assert mm_b is not None and ga_b is not None
-        disk = resident = mm * keep * mm_b + ga * ga_b + other * 4
+        disk = resident = mm * keep * wb.matmul + ga * wb.gather + other * 4
     from edgecompress.profiling.decoder import estimate_decoder_from, is_decoder_workload
 
     if is_decoder_workload(dims):  # a causal LM: memory includes the KV cache, latency is one decode step
@@ -232,8 +203,6 @@ def _closeness(m: Manifest) -> tuple[int, float]:
 
 def auto_key(opts: Any, max_candidates: int | None = None) -> str:
     """The build key of an auto search: the inputs plus the candidates it would consider."""
-    from edgecompress.pipeline import build_key, plan
-
     base = plan(replace(opts, recipe="fp32", force=True))
     cands, excluded = candidates(base.info.task, base.target, max_candidates)
     return build_key(base, opts, recipe={"name": "auto", "candidates": [c.name for c in cands],
@@ -243,8 +212,6 @@ def auto_key(opts: Any, max_candidates: int | None = None) -> str:
 def build_auto(opts: Any, progress: Progress | None = None, *, max_candidates: int | None = None,
                time_budget_s: float | None = None, keep_best: bool = False) -> Manifest:
     """Search, build the winner into opts.out; raises NothingFits (exit 3) when no candidate meets every budget."""
-    from edgecompress.pipeline import build, plan
-
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     base = plan(replace(opts, recipe="fp32"))  # validates model, target, texts and --out before any work

@@ -19,7 +19,7 @@ from edgecompress import export
 from edgecompress.cache import Cache, digest
 from edgecompress.errors import PassError
 from edgecompress.model import load_model, save_model, sha256_file
-from edgecompress.passes.base import ModelInfo, PassContext
+from edgecompress.passes.base import ModelInfo, PassContext, skip_text
 from edgecompress.progress import Progress
 from edgecompress.recipes import Recipe
 from edgecompress.tasks import TaskAdapter
@@ -118,7 +118,7 @@ def run_recipe(cache: Cache, recipe: Recipe, model: onnx.ModelProto, input_key: 
         records.append({**ps.describe(), "report": res["report"], "modified": res["modified"],
                         "seconds": res["seconds"], "cached": hit})
         if recipe.quantizing and not res["modified"]:
-            raise PassError(f"pass {ps.name} changed nothing: {res['report'].get('skipped', 'no reason given')}",
+            raise PassError(f"pass {ps.name} changed nothing: {skip_text(res['report']) or 'no reason given'}",
                             hint="this recipe does not apply to this model; try --recipe fp32")
         model = load_model(entry / "model.onnx")
     return model, records, key

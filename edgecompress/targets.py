@@ -18,13 +18,12 @@ import tomllib
 
 from edgecompress.errors import ConfigError
 from edgecompress.metrics import METRICS, RANGE
+from edgecompress.tasknames import DECODER_TASK
 
 ISA_FLAGS = frozenset(
     {"avx2", "fma", "f16c", "avx512", "avx512_vnni", "avx_vnni", "neon", "fp16", "dotprod", "i8mm", "bf16", "sve",
      "sve2"}
 )
-# The causal-LM task name (= export.DECODER_TASKS[0]); targets.py imports nothing but errors and metrics.
-DECODER_TASK = "text-generation-with-past"
 KNOWN_PROVIDERS = frozenset(
     {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "XnnpackExecutionProvider",
      "NnapiExecutionProvider", "QNNExecutionProvider", "CoreMLExecutionProvider", "OpenVINOExecutionProvider",

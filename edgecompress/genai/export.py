@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecompress.errors import ExportError
+from edgecompress.tasknames import DECODER_TASK  # re-exported: edgecompress.genai.DECODER_TASK
 
 # Verified end to end here (export parity, int4 pass, the GenAI runtime's greedy output). The builder supports
 # more (Qwen2, Mistral, Phi-3, Gemma): they take optimum's export until they are tested the same way.
@@ -23,7 +24,6 @@ FAST_PATH_PASSES = frozenset({"decoder-int4"})
 GENAI_EXTRA_HINT = 'pip install "edgecompress[genai]"'
 # EDGECOMPRESS_DECODER_EXPORTER=optimum forces the fallback (benchmarks compare both graphs)
 ENV = "EDGECOMPRESS_DECODER_EXPORTER"
-DECODER_TASK = "text-generation-with-past"
 # gate and up projections as one MatMul (+ Split): one 4-bit kernel and one offset term instead of two
 BUILDER_OPTIONS = ("fuse_mlp_gate_up=true",)
 

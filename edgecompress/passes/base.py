@@ -8,9 +8,9 @@ its report, with the reason, instead of silently returning its input. Layering: 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 import numpy as np
 import onnx
@@ -54,13 +54,70 @@ class PassResult:
     modified: bool = True
 
 
-class Pass(ABC):
-    """Subclasses set `name` and take a frozen config dataclass."""
+@dataclass(frozen=True)
+class Skip:
+    """Something a pass left alone, and why (onnxscript's MatchResult.fail): every pass reports skips this way,
+    as `report["skipped"] = [Skip(...).as_dict(), ...]`, so the CLI and the report read them alike."""
+
+    site: str  # the node, tensor or block left alone; "" for the whole model
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"site": self.site, "reason": self.reason}
+
+
+def skips(*items: Skip) -> list[dict[str, str]]:
+    """Skips as they go into a report (JSON)."""
+    return [s.as_dict() for s in items]
+
+
+def skip_text(report: dict[str, Any]) -> str:
+    """A report's skips in one line, whole-model ones (site "") first."""
+    items = sorted(report.get("skipped") or [], key=lambda s: s["site"] != "")
+    return "; ".join(f"{s['site']}: {s['reason']}" if s["site"] else s["reason"] for s in items)
+
+
+C = TypeVar("C")
+
+
+class Pass(ABC, Generic[C]):
+    """A transform configured by a frozen dataclass `C`: `class Foo(Pass[FooConfig])`. Subclasses set `name`;
+    `register` (below) makes one a recipe or a structural pass."""
 
     name: str = "pass"
+    # set from the generic argument (Pass[FooConfig]) when the subclass is defined
+    config_class: ClassVar[type]
+    # set by @register
+    registration: ClassVar[Registration | None] = None
 
-    def __init__(self, config: Any = None) -> None:
-        self.config = config
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            if get_origin(base) is Pass and get_args(base) and isinstance(get_args(base)[0], type):
+                cls.config_class = get_args(base)[0]
+        cls.registration = None  # a subclass is not registered by its parent's decorator
+
+    def __init__(self, config: C | None = None) -> None:
+        self.config: C = config if config is not None else self.config_class()
+
+    @classmethod
+    def configure(cls, values: Mapping[str, Any], task: str | None) -> C:
+        """The config for the recipe knobs given (knob name -> value): each knob field takes its value, the rest
+        keep their defaults. A pass overrides this only where a knob maps to more than one field."""
+        from edgecompress.passes.options import field_options
+
+        return cls.config_class(**{f: values[opt.name] for f, (opt, _) in field_options(cls.config_class).items()
+                                   if opt.name in values})
+
+    @classmethod
+    def from_options(cls, options: Any, task: str | None = None) -> Pass[C]:
+        """This pass configured from a recipes.RecipeOptions (the knobs given)."""
+        return cls(cls.configure(options.given, task))
+
+    @classmethod
+    def requires(cls, target: Target, info: ModelInfo | None) -> str | None:
+        """Why this pass cannot help on `target` (checked at plan time, before any export), or None."""
+        return None
 
     @abstractmethod
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult: ...
@@ -76,3 +133,70 @@ class Pass(ABC):
     def describe(self) -> dict[str, Any]:
         cfg = asdict(self.config) if is_dataclass(self.config) and not isinstance(self.config, type) else {}
         return {"name": self.name, "config": cfg}
+
+
+# --------------------------------------------------------------------------------------------------- registration
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Bytes per weight parameter (MatMul/Gemm weights, the word-embedding Gather) after a pass, and the matmul
+    compute precision: what `--recipe auto` predicts from the FP32 graph before building (search.predict)."""
+
+    matmul: float
+    gather: float
+    precision: str  # fp32 | fp16 | int8 | int4
+    # in memory once loaded, when it differs from on disk (codebooks decode to int8 at load)
+    resident: float | None = None
+
+
+@dataclass(frozen=True)
+class Registration:
+    recipe: str  # the recipe this pass makes ("" for a structural pass, which composes with every recipe)
+    tasks: tuple[str, ...]
+    description: str = ""
+    quantizes: bool = False  # claims integer/low-bit kernels: the int-kernel share check applies
+    # position in `edgecompress recipes` and the search grid
+    order: int = 100
+    weight_bytes: WeightBytes | Callable[[Mapping[str, Any]], WeightBytes] | None = None
+    # the search grid: knob values to try, one candidate each, in order ({} = the defaults)
+    search: tuple[dict[str, Any], ...] = ()
+    # structural passes: (recipe, knobs) each search candidate is composed with
+    compose: tuple[tuple[str, dict[str, Any]], ...] = ()
+    # task -> why the recipe refuses it (shown with the refusal)
+    refusals: Mapping[str, str] = field(default_factory=dict)
+    structural: bool = False
+
+
+# registration order; recipes.py and search.py read it
+REGISTRY: list[type[Pass[Any]]] = []
+
+
+def register(*, recipe: str = "", tasks: tuple[str, ...], description: str = "", quantizes: bool = False,
+             order: int = 100, weight_bytes: WeightBytes | Callable[[Mapping[str, Any]], WeightBytes] | None = None,
+             search: tuple[dict[str, Any], ...] = (), compose: tuple[tuple[str, dict[str, Any]], ...] = (),
+             refusals: Mapping[str, str] | None = None) -> Callable[[type[Pass[Any]]], type[Pass[Any]]]:
+    """Class decorator: make a pass a recipe (`recipe="int4"`; one pass per recipe and task) or, without a recipe,
+    a structural pass run before any recipe's when one of its enabling knobs is set."""
+
+    def deco(cls: type[Pass[Any]]) -> type[Pass[Any]]:
+        cls.registration = Registration(recipe=recipe, tasks=tasks, description=description, quantizes=quantizes,
+                                        order=order, weight_bytes=weight_bytes, search=search, compose=compose,
+                                        refusals=dict(refusals or {}), structural=not recipe)
+        REGISTRY[:] = [c for c in REGISTRY if c.__qualname__ != cls.__qualname__ or c.__module__ != cls.__module__]
+        REGISTRY.append(cls)
+        return cls
+
+    return deco
+
+
+def registered() -> list[type[Pass[Any]]]:
+    """Every registered pass, after importing every module of edgecompress.passes (a new pass file is found
+    without being listed anywhere), by `order`."""
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    for mod in pkgutil.walk_packages([str(Path(__file__).parent)], __name__.rpartition(".")[0] + "."):
+        importlib.import_module(mod.name)
+    return sorted(REGISTRY, key=lambda c: c.registration.order if c.registration else 0)

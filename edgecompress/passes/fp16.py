@@ -13,8 +13,11 @@ import numpy as np
 import onnx
 
 from edgecompress.graph import op_histogram
+from edgecompress.isa import no_fp16_arithmetic
 from edgecompress.passes import ort_quant
-from edgecompress.passes.base import Pass, PassContext, PassResult
+from edgecompress.passes.base import ModelInfo, Pass, PassContext, PassResult, Skip, WeightBytes, register, skips
+from edgecompress.targets import Target
+from edgecompress.tasknames import DECODER_TASK, ENCODER_TASKS
 
 _FLOAT, _HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
@@ -54,23 +57,29 @@ def _topological_sort(model: onnx.ModelProto) -> None:
     graph.node.extend(ordered)
 
 
-class Fp16(Pass):
+@register(recipe="fp16", tasks=ENCODER_TASKS, order=10,
+          description="FP16 weights and compute (ONNX Runtime's transformer float16 converter), fp32 inputs and "
+                      "outputs; for GPUs and CPUs with fp16 arithmetic",
+          weight_bytes=WeightBytes(2.0, 2.0, "fp16"), search=({},),
+          refusals={DECODER_TASK: "the float16 converter is not validated on KV-cache decoders yet"})
+class Fp16(Pass[Fp16Config]):
     """Float initializers and activations to float16; fp32 I/O."""
 
     name = "fp16"
 
-    def __init__(self, config: Fp16Config | None = None) -> None:
-        super().__init__(config or Fp16Config())
+    @classmethod
+    def requires(cls, target: Target, info: ModelInfo | None) -> str | None:
+        return no_fp16_arithmetic(target)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        cfg: Fp16Config = self.config
+        cfg = self.config
         n_float, float_bytes = _weights_bytes(model, _FLOAT)
         report: dict[str, object] = {"library": "onnxruntime.transformers.float16.convert_float_to_float16",
                                      "keep_io_types": cfg.keep_io_types,
                                      "op_block_list": list(cfg.op_block_list) if cfg.op_block_list is not None
                                      else "onnxruntime default"}
         if n_float == 0:
-            report["skipped"] = "the model has no float32 weights to convert"
+            report["skipped"] = skips(Skip("", "the model has no float32 weights to convert"))
             return PassResult(model, report, modified=False)
         out = ort_quant.convert_float16(model, keep_io_types=cfg.keep_io_types, op_block_list=cfg.op_block_list)
         _topological_sort(out)

@@ -16,15 +16,25 @@ from onnx import numpy_helper
 
 from edgecompress.errors import PassError
 from edgecompress.graph import GraphIndex
-from edgecompress.passes.base import Pass, PassContext, PassResult
+from edgecompress.passes.base import Pass, PassContext, PassResult, Skip, register, skips
+from edgecompress.passes.options import Option, option, validate_config
+from edgecompress.tasknames import DECODER_TASK, ENCODER_TASKS
 
 log = logging.getLogger(__name__)
 
 
+LOW_RANK_ENERGY = Option("low_rank_energy", "Factor MatMul weights by truncated SVD keeping this share of the "
+                         "singular-value energy, e.g. 0.95.", float, low=0.0, high=1.0, low_open=True,
+                         hint="the share of singular-value energy to keep, e.g. 0.95", enables=True)
+
+
 @dataclass(frozen=True)
 class LowRankConfig:
-    energy: float = 0.95  # share of sum(s_i^2) the kept singular values must hold
+    energy: float = option(0.95, LOW_RANK_ENERGY)  # share of sum(s_i^2) the kept singular values must hold
     min_params: int = 4096  # weights smaller than this are not worth a second MatMul
+
+    def __post_init__(self) -> None:
+        validate_config(self, "low-rank")
 
 
 def svd_factors(w: np.ndarray, rank: int,
@@ -46,24 +56,18 @@ def rank_for_energy(s: np.ndarray, energy: float) -> int:
     return min(numerical, int(np.searchsorted(e / e[-1], energy - 1e-12)) + 1)
 
 
-class LowRank(Pass):
+@register(tasks=(*ENCODER_TASKS, DECODER_TASK), order=1)
+class LowRank(Pass[LowRankConfig]):
     name = "low-rank"
 
-    def __init__(self, config: LowRankConfig | None = None) -> None:
-        super().__init__(config or LowRankConfig())
-
-    @classmethod
-    def from_options(cls, options: Any) -> LowRank:
-        return cls(LowRankConfig(energy=float(options.low_rank_energy)))
-
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        cfg: LowRankConfig = self.config
+        cfg = self.config
         idx = GraphIndex(model)
         out = onnx.ModelProto()
         out.CopyFrom(model)
         names = {t.name for t in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
         layers: list[dict[str, Any]] = []
-        skipped: list[dict[str, Any]] = []
+        skipped: list[Skip] = []
         new_nodes: list[onnx.NodeProto] = []
         drop: set[str] = set()
         for original in out.graph.node:
@@ -76,23 +80,22 @@ class LowRank(Pass):
             t = idx.initializers[wname]
             label = node.name or wname
             if len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT:
-                skipped.append({"layer": label, "reason": "weight is not a 2-D float32 matrix"})
+                skipped.append(Skip(label, "weight is not a 2-D float32 matrix"))
                 continue
             if len(idx.consumers[wname]) != 1:
-                skipped.append({"layer": label, "reason": "weight is shared with another node"})
+                skipped.append(Skip(label, "weight is shared with another node"))
                 continue
             k, n = (int(d) for d in t.dims)
             if k * n < cfg.min_params:
-                skipped.append({"layer": label, "reason": f"small weight ({k}x{n})"})
+                skipped.append(Skip(label, f"small weight ({k}x{n})"))
                 continue
             w = idx.array(wname)
             usv = np.linalg.svd(w.astype(np.float64), full_matrices=False)
             s = usv[1]
             r = rank_for_energy(s, cfg.energy)
             if r * (k + n) >= k * n:
-                skipped.append({"layer": label, "shape": [k, n], "rank": r,
-                                "reason": f"rank {r} for {cfg.energy:.4g} energy saves nothing "
-                                          f"({r * (k + n)} >= {k * n} params)"})
+                skipped.append(Skip(label, f"{k}x{n}: rank {r} for {cfg.energy:.4g} energy saves nothing "
+                                           f"({r * (k + n)} >= {k * n} params)"))
                 continue
             a, b = svd_factors(w, r, usv)
             an, bn, mid = (_fresh(names, f"{wname}_lr_a"), _fresh(names, f"{wname}_lr_b"),
@@ -108,14 +111,14 @@ class LowRank(Pass):
             layers.append({"layer": label, "shape": [k, n], "rank": r, "energy_kept": round(kept, 6),
                            "params_before": k * n, "params_after": r * (k + n)})
         report: dict[str, Any] = {
-            "energy": cfg.energy, "layers": layers, "skipped_layers": skipped,
+            "energy": cfg.energy, "layers": layers, "skipped": skips(*skipped),
             "params_before": sum(x["params_before"] for x in layers),
             "params_after": sum(x["params_after"] for x in layers),
             "rank_summary": _summary([x["rank"] for x in layers]),
         }
         if not layers:
-            report["skipped"] = (f"no MatMul weight is cheaper factored at {cfg.energy:.4g} energy"
-                                 if skipped else "no MatMul with a constant weight")
+            report["skipped"] = skips(Skip("", f"no MatMul weight is cheaper factored at {cfg.energy:.4g} energy"
+                                           if skipped else "no MatMul with a constant weight"), *skipped)
             return PassResult(model, report, modified=False)
         del out.graph.node[:]
         out.graph.node.extend(new_nodes)

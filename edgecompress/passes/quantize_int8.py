@@ -9,18 +9,24 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from edgecompress.calibration import select_samples, trim_padding
 from edgecompress.errors import ConfigError, PassError
 from edgecompress.graph import GraphIndex, op_histogram
+from edgecompress.isa import X86_VNNI, no_dynamic_int8_on_gpu, no_int8_gemm
 from edgecompress.passes import ort_quant
-from edgecompress.passes.base import Pass, PassContext, PassResult
+from edgecompress.passes.base import ModelInfo, Pass, PassContext, PassResult, Skip, WeightBytes, register, skips
+from edgecompress.passes.int8_graph import (  # noqa: F401  (re-exported: codebook and tests import them here)
+    _drop_unused_initializers,
+    _opset,
+    per_token_int8,
+    row_int8_gather,
+    weight_only_int8,
+)
+from edgecompress.passes.options import CALIBRATION_SAMPLES, Option, option, validate_config
 from edgecompress.passes.sensitivity import (
     Int8Simulation,
-    int8_weight,
     node_sensitivity,
     output_cosines,
     quantizable_nodes,
@@ -28,6 +34,7 @@ from edgecompress.passes.sensitivity import (
 )
 from edgecompress.passes.smooth import smooth
 from edgecompress.targets import Target
+from edgecompress.tasknames import DECODER_TASK, ENCODER_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +47,23 @@ class DynamicInt8Config:
     op_types: tuple[str, ...] = ("MatMul", "Gather")
 
 
-class DynamicInt8(Pass):
+@register(recipe="int8-dynamic", tasks=ENCODER_TASKS, quantizes=True, order=20,
+          description="ONNX Runtime dynamic INT8: per-channel int8 weights (word-embedding Gather included), "
+                      "activations quantized at run time",
+          weight_bytes=WeightBytes(1.0, 1.0, "int8"), search=({},),
+          refusals={DECODER_TASK: "ORT dynamic int8 (per-channel) breaks decoders: perplexity in the millions on "
+                                  "SmolLM2"})
+class DynamicInt8(Pass[DynamicInt8Config]):
     """Weights to int8 (per output channel), activations quantized on the fly by ORT at run time."""
 
     name = "int8-dynamic"
 
-    def __init__(self, config: DynamicInt8Config | None = None) -> None:
-        super().__init__(config or DynamicInt8Config())
+    @classmethod
+    def requires(cls, target: Target, info: ModelInfo | None) -> str | None:
+        return no_dynamic_int8_on_gpu(target) or no_int8_gemm(target)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        cfg: DynamicInt8Config = self.config
+        cfg = self.config
         before = op_histogram(model)
         out = ort_quant.quantize_dynamic(model, op_types=cfg.op_types, per_channel=cfg.per_channel,
                                          reduce_range=cfg.reduce_range)
@@ -65,7 +79,7 @@ class DynamicInt8(Pass):
             "quantized_ops": quantized,
         }
         if quantized["MatMulInteger"] == 0:
-            report["skipped"] = "no MatMul with a constant weight was found to quantize"
+            report["skipped"] = skips(Skip("", "no MatMul with a constant weight was found to quantize"))
             return PassResult(out, report, modified=False)
         return PassResult(out, report)
 
@@ -94,12 +108,13 @@ def isa_choice(target: Target) -> IsaChoice:
     - Arm: the dot-product kernels (sdot, smmla: dotprod, i8mm) are signed x signed and accumulate in int32;
       plain NEON widens to 16/32 bits too: symmetric int8 both sides, full range.
     """
-    isa, arch = target.hardware.isa, target.hardware.arch
-    if arch == "aarch64" or "neon" in isa:
-        kernels = "i8mm (smmla)" if "i8mm" in isa else "dotprod (sdot)" if "dotprod" in isa else "NEON widening"
+    features, arch = target.hardware.isa, target.hardware.arch
+    if arch == "aarch64" or "neon" in features:
+        kernels = ("i8mm (smmla)" if "i8mm" in features else "dotprod (sdot)" if "dotprod" in features
+                   else "NEON widening")
         return IsaChoice("int8", False, f"Arm {kernels} int8 kernels are signed x signed with 32-bit accumulation: "
                                         "S8S8, full 8-bit range")
-    vnni = isa & {"avx512_vnni", "avx_vnni"}
+    vnni = features & X86_VNNI
     if vnni:
         return IsaChoice("uint8", False, f"x86 with {'/'.join(sorted(vnni))}: U8S8 (ORT's x86 int8 GEMMs take "
                                          "uint8 activations), VNNI accumulates in int32 without saturation")
@@ -108,194 +123,15 @@ def isa_choice(target: Target) -> IsaChoice:
                                     "the AVX2 int16 accumulation")
 
 
-# --- weights to int8, activations left in float -----------------------------------------------------------------
-def weight_only_int8(model: onnx.ModelProto, nodes: Sequence[str], reduce_range: bool = False) -> onnx.ModelProto:
-    """A copy where each MatMul in `nodes` keeps float activations but reads an int8 weight (per output channel)
-    through DequantizeLinear: the file stays int8-sized, the compute stays float (no activation rounding)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    inits = {t.name: t for t in m.graph.initializer}
-    done: dict[str, str] = {}
-    new_nodes: list[onnx.NodeProto] = []
-    wanted = set(nodes)
-    for node in m.graph.node:
-        if node.name in wanted and node.op_type == "MatMul" and node.input[1] in inits:
-            w_name = node.input[1]
-            if w_name not in done:
-                q, scale = int8_weight(numpy_helper.to_array(inits[w_name]), 1, reduce_range)
-                qn, sn, out = f"{w_name}__w8", f"{w_name}__w8_scale", f"{w_name}__w8_dq"
-                m.graph.initializer.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn)])
-                new_nodes.append(onnx.helper.make_node("DequantizeLinear", [qn, sn], [out], axis=1,
-                                                       name=f"{node.name}__w8_dq"))
-                done[w_name] = out
-            node.input[1] = done[w_name]
-        new_nodes.append(node)
-    del m.graph.node[:]
-    m.graph.node.extend(new_nodes)
-    used = {i for n in m.graph.node for i in n.input}
-    kept = [t for t in m.graph.initializer if t.name in used or t.name not in done]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(kept)
-    return m
-
-
-# --- per-token activations (standard ops, integer MatMul) -----------------------------------------------------------
-# ORT's dynamic path (DynamicQuantizeLinear -> MatMulInteger, fused into DynamicQuantizeMatMul) gives the whole
-# [batch * seq, K] activation ONE scale, so one outlier token coarsens every other token's grid. Here each token
-# (row) gets its own symmetric scale. ORT's MatMulInteger takes only a scalar activation zero point, so the rows are
-# symmetric: uint8 around a fixed 128 (ORT's u8 x s8 kernels; s8 x s8 MatMulInteger ran ~8x slower on the x86 host),
-# or int8 around 0 when asked. MiniLM on the host (b8 x seq128, one thread): as fast as DynamicQuantizeMatMul
-# (0.98-1.02x, shared CPU), mean cosine 0.9927 -> 0.9971 alone, 0.9990 with smoothing (int8-mixed).
-_PT = "edgecompress_pt"
-
-
-def _const(m: onnx.ModelProto, have: set[str], name: str, value: np.ndarray) -> str:
-    if name not in have:
-        m.graph.initializer.append(numpy_helper.from_array(value, name))
-        have.add(name)
-    return name
-
-
-def per_token_int8(model: onnx.ModelProto, nodes: Sequence[str], *, activation_type: str = "uint8",
-                   reduce_range: bool = False) -> onnx.ModelProto:
-    """A copy where each MatMul(x, W) in `nodes` (constant 2-D W) runs as int8 with one activation scale per token:
-
-        x2 = Reshape(x, [-1, K]);  s = max(|x2|, axis 1) / 127             (GlobalMaxPool over [-1, 1, K])
-        q = QuantizeLinear(x2, s, zp, axis=0)                             (per-row scale, fixed zero point)
-        y = Reshape(Cast(MatMulInteger(q, W8, zp)) * w_scale * s[:, None], [..., N])
-
-    W8 is symmetric int8 per output channel (7-bit with `reduce_range`). MatMuls sharing an input (Q, K, V) share
-    one quantization of it. Standard ONNX (opset >= 15), no contrib ops.
-    """
-    if activation_type not in ("uint8", "int8"):
-        raise PassError(f"unknown activation type '{activation_type}' for per-token int8")
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    inits = {t.name: t for t in m.graph.initializer}
-    have = set(inits)
-    signed = activation_type == "int8"
-    opset = _opset(m)
-    if opset < 15:
-        raise PassError(f"per-token int8 needs ONNX opset 15 or later; the model has {opset}",
-                        hint="export with a newer opset, or use per-tensor activations (int8-dynamic)")
-    zp = _const(m, have, f"{_PT}_zp_{activation_type}",
-                np.array(0, dtype=np.int8) if signed else np.array(128, dtype=np.uint8))
-    flat = _const(m, have, f"{_PT}_flat", np.array([-1], dtype=np.int64))
-    col = _const(m, have, f"{_PT}_col", np.array([-1, 1], dtype=np.int64))
-    inv127 = _const(m, have, f"{_PT}_inv127", np.array(1.0 / 127.0, dtype=np.float32))
-    # an all-zero row (padding) still needs a positive scale; its codes are all zp either way
-    tiny = _const(m, have, f"{_PT}_tiny", np.array(1e-30, dtype=np.float32))
-    wanted = set(nodes)
-    rows: dict[str, tuple[str, str, str]] = {}
-    weights: dict[str, tuple[str, str, int]] = {}
-    new_nodes: list[onnx.NodeProto] = []
-    for node in m.graph.node:
-        w_init = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if node.name not in wanted or w_init is None or len(w_init.dims) != 2:
-            new_nodes.append(node)
-            continue
-        x, w_name, p = node.input[0], node.input[1], node.name
-        k, n = (int(d) for d in w_init.dims)
-        if x not in rows:
-            t = f"{x}/{_PT}"
-            shape2d = _const(m, have, f"{t}_shape2d", np.array([-1, k], dtype=np.int64))
-            shape3d = _const(m, have, f"{t}_shape3d", np.array([-1, 1, k], dtype=np.int64))
-            new_nodes += [
-                helper.make_node("Reshape", [x, shape2d], [f"{t}_x2"], name=f"{t}_x2"),
-                # max |row| as GlobalMaxPool over [rows, 1, K]: ReduceMax (opset 18) takes its axes as an input,
-                # which ORT's symbolic shape inference does not read, so the int-kernel check lost every shape
-                helper.make_node("Reshape", [x, shape3d], [f"{t}_x3"], name=f"{t}_x3"),
-                helper.make_node("Abs", [f"{t}_x3"], [f"{t}_abs"], name=f"{t}_abs"),
-                helper.make_node("GlobalMaxPool", [f"{t}_abs"], [f"{t}_pool"], name=f"{t}_pool"),
-                helper.make_node("Reshape", [f"{t}_pool", col], [f"{t}_amax0"], name=f"{t}_amax0"),
-                helper.make_node("Max", [f"{t}_amax0", tiny], [f"{t}_amax"], name=f"{t}_amax"),
-                helper.make_node("Mul", [f"{t}_amax", inv127], [f"{t}_s_col"], name=f"{t}_s_col"),
-                helper.make_node("Reshape", [f"{t}_s_col", flat], [f"{t}_s"], name=f"{t}_s"),
-                helper.make_node("Shape", [f"{t}_s"], [f"{t}_rows"], name=f"{t}_rows"),
-                helper.make_node("Expand", [zp, f"{t}_rows"], [f"{t}_zp"], name=f"{t}_zp"),
-                helper.make_node("QuantizeLinear", [f"{t}_x2", f"{t}_s", f"{t}_zp"], [f"{t}_q"], axis=0,
-                                 name=f"{t}_q"),
-                helper.make_node("Shape", [x], [f"{t}_lead"], end=-1, name=f"{t}_lead"),
-            ]
-            rows[x] = (f"{t}_q", f"{t}_s_col", f"{t}_lead")
-        if w_name not in weights:
-            q, scale = int8_weight(numpy_helper.to_array(w_init), 1, reduce_range)
-            qn = _const(m, have, f"{w_name}__pt_w8", q)
-            sn = _const(m, have, f"{w_name}__pt_w8_scale", scale.astype(np.float32))
-            weights[w_name] = (qn, sn, n)
-        q_in, s_col, lead = rows[x]
-        qn, sn, n = weights[w_name]
-        n_dim = _const(m, have, f"{_PT}_n{n}", np.array([n], dtype=np.int64))
-        new_nodes += [
-            helper.make_node("MatMulInteger", [q_in, qn, zp], [f"{p}/{_PT}_acc"], name=f"{p}/{_PT}_mmi"),
-            helper.make_node("Cast", [f"{p}/{_PT}_acc"], [f"{p}/{_PT}_f"], to=onnx.TensorProto.FLOAT,
-                             name=f"{p}/{_PT}_f"),
-            helper.make_node("Mul", [f"{p}/{_PT}_f", sn], [f"{p}/{_PT}_fw"], name=f"{p}/{_PT}_fw"),
-            helper.make_node("Mul", [f"{p}/{_PT}_fw", s_col], [f"{p}/{_PT}_y2"], name=f"{p}/{_PT}_y2"),
-            helper.make_node("Concat", [lead, n_dim], [f"{p}/{_PT}_shape"], axis=0, name=f"{p}/{_PT}_shape"),
-            helper.make_node("Reshape", [f"{p}/{_PT}_y2", f"{p}/{_PT}_shape"], list(node.output), name=p),
-        ]
-    del m.graph.node[:]
-    m.graph.node.extend(new_nodes)
-    _drop_unused_initializers(m)
-    return m
-
-
-def row_int8_gather(model: onnx.ModelProto, nodes: Sequence[str]) -> onnx.ModelProto:
-    """A copy where each Gather(table, ids) in `nodes` reads an int8 table with one scale per row (per token id):
-    Cast(Gather(T8, ids)) * Unsqueeze(Gather(scale, ids), -1). ORT's dynamic quantization gives a table one scale,
-    which its rare large rows set for all (MiniLM, simulated: cosine 0.9992 with only the tables quantized, 0.9999
-    per row); the scales add 4 bytes a row."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    inits = {t.name: t for t in m.graph.initializer}
-    have = set(inits)
-    last = _const(m, have, f"{_PT}_axis_last", np.array([-1], dtype=np.int64))
-    wanted = set(nodes)
-    tables: dict[str, tuple[str, str]] = {}
-    new_nodes: list[onnx.NodeProto] = []
-    for node in m.graph.node:
-        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if node.name not in wanted or table is None or len(table.dims) != 2 or axis != 0:
-            new_nodes.append(node)
-            continue
-        t_name, p = node.input[0], node.name
-        if t_name not in tables:
-            q, scale = int8_weight(numpy_helper.to_array(table), 0)
-            tables[t_name] = (_const(m, have, f"{t_name}__row8", q),
-                              _const(m, have, f"{t_name}__row8_scale", scale.astype(np.float32)))
-        qn, sn = tables[t_name]
-        new_nodes += [
-            helper.make_node("Gather", [qn, node.input[1]], [f"{p}/row8_q"], axis=0, name=f"{p}/row8_q"),
-            helper.make_node("Gather", [sn, node.input[1]], [f"{p}/row8_s"], axis=0, name=f"{p}/row8_s"),
-            helper.make_node("Unsqueeze", [f"{p}/row8_s", last], [f"{p}/row8_s_col"], name=f"{p}/row8_s_col"),
-            helper.make_node("Cast", [f"{p}/row8_q"], [f"{p}/row8_f"], to=onnx.TensorProto.FLOAT,
-                             name=f"{p}/row8_f"),
-            helper.make_node("Mul", [f"{p}/row8_f", f"{p}/row8_s_col"], list(node.output), name=p),
-        ]
-    del m.graph.node[:]
-    m.graph.node.extend(new_nodes)
-    _drop_unused_initializers(m)
-    return m
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _drop_unused_initializers(m: onnx.ModelProto) -> None:
-    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-    kept = [t for t in m.graph.initializer if t.name in used]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(kept)
-
-
 # --- static INT8 and int8-mixed ------------------------------------------------------------------------------------
+CALIBRATION_METHOD = Option("calibration_method", "int8-static/int8-mixed: how activation ranges are calibrated.",
+                            choices=("minmax", "entropy", "percentile"))
+
+
 @dataclass(frozen=True)
 class StaticInt8Config:
-    calibration_method: str = "minmax"
-    calibration_samples: int = 256
+    calibration_method: str = option("minmax", CALIBRATION_METHOD)
+    calibration_samples: int = option(256, CALIBRATION_SAMPLES)
     per_channel: bool = True
     # the word-embedding Gather is most of a small encoder's bytes
     quantize_embeddings: bool = True
@@ -317,6 +153,9 @@ class StaticInt8Config:
     # SmoothQuant-style migration of activation outliers into the weights before quantizing (passes/smooth.py);
     # None: off
     smooth_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_config(self, "int8")
 
 
 @dataclass(frozen=True)
@@ -365,7 +204,14 @@ def _node_costs(model: onnx.ModelProto, names: Sequence[str], target: Target) ->
     return out
 
 
-class StaticInt8(Pass):
+@register(recipe="int8-static", tasks=ENCODER_TASKS, quantizes=True, order=30,
+          description="ONNX Runtime static INT8 (QDQ) of the Linear MatMuls and embedding Gathers: per-channel int8 "
+                      "weights, calibrated activation ranges (--calibration-method, --calibration-samples), U8S8/S8S8 "
+                      "and reduce_range from the target's ISA; the most sensitive MatMuls keep float activations if "
+                      "the fidelity floor needs it",
+          weight_bytes=WeightBytes(1.0, 1.0, "int8"), search=({},),
+          refusals={DECODER_TASK: "static int8 activations are not calibrated for KV-cache decoders here"})
+class StaticInt8(Pass[StaticInt8Config]):
     """Static INT8 (QDQ): weights per channel, activation ranges calibrated once, settings from the target's ISA.
 
     Only Linear MatMuls (constant weight) and embedding Gathers are quantized, inputs only, so ORT runs them as
@@ -376,14 +222,15 @@ class StaticInt8(Pass):
 
     name = "int8-static"
 
-    def __init__(self, config: StaticInt8Config | None = None) -> None:
-        super().__init__(config or StaticInt8Config())
+    @classmethod
+    def requires(cls, target: Target, info: ModelInfo | None) -> str | None:
+        return no_int8_gemm(target)
 
     def _base(self) -> str:
         return "static"
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        cfg: StaticInt8Config = self.config
+        cfg = self.config
         model = _named(model)
         isa = isa_choice(ctx.target)
         base = self._base()
@@ -396,7 +243,7 @@ class StaticInt8(Pass):
                                            "so ORT runs each as MatMulIntegerToFloat without requantizing",
                                   "outputs_quantized": False}
         if not matmuls:
-            report["skipped"] = "no MatMul with a constant 2-D weight was found to quantize"
+            report["skipped"] = skips(Skip("", "no MatMul with a constant 2-D weight was found to quantize"))
             return PassResult(model, report, modified=False)
         if ctx.calibration is None:
             raise PassError(f"{self.name} needs calibration data and none was given",
@@ -517,7 +364,7 @@ class StaticInt8(Pass):
             log.warning("%s: cosine %.4f on calibration data is below the floor %.4f after keeping %d nodes in "
                         "float", self.name, measured, floor, len(keep))
         if sum(int8_kernels.values()) == 0:
-            report["skipped"] = "ONNX Runtime fused no quantized node into an int8 kernel"
+            report["skipped"] = skips(Skip("", "ONNX Runtime fused no quantized node into an int8 kernel"))
             return PassResult(out, report, modified=False)
         return PassResult(out, report)
 
@@ -528,27 +375,45 @@ class StaticInt8(Pass):
         return False
 
 
+@register(recipe="int8-mixed", tasks=ENCODER_TASKS, quantizes=True, order=40,
+          description="INT8 with per-node sensitivity: activation outliers smoothed into the weights (SmoothQuant, "
+                      "alpha 0.7), dynamic int8 with one activation scale per token (standard ops, ORT MatMulInteger) "
+                      "and per-row embedding tables; the MatMuls whose quantized activations cost the most fidelity "
+                      "keep float activations (int8 weights) until the fidelity floor holds",
+          weight_bytes=WeightBytes(1.1, 1.0, "int8"), search=({},),
+          refusals={DECODER_TASK: "built on dynamic int8, which breaks decoders (perplexity in the millions on "
+                                  "SmolLM2)"})
 class MixedInt8(StaticInt8):
     """INT8 with per-node sensitivity: every Linear MatMul is ranked by the output error it alone causes, and the
     most sensitive keep float activations (int8 weights, so the size barely moves) until the fidelity floor holds
     on calibration data. Base: dynamic (default) or static activation quantization."""
 
     name = "int8-mixed"
+    config_class = MixedInt8Config
 
-    def __init__(self, config: MixedInt8Config | None = None) -> None:
-        super().__init__(config or MixedInt8Config())
-        if self.config.base not in ("dynamic", "static"):
-            raise ConfigError(f"unknown int8-mixed base '{self.config.base}'", hint="use dynamic|static")
+    @classmethod
+    def requires(cls, target: Target, info: ModelInfo | None) -> str | None:
+        return no_dynamic_int8_on_gpu(target) or no_int8_gemm(target)
+
+    def __init__(self, config: StaticInt8Config | None = None) -> None:
+        super().__init__(config)
+        if self._mixed.base not in ("dynamic", "static"):
+            raise ConfigError(f"unknown int8-mixed base '{self._mixed.base}'", hint="use dynamic|static")
+
+    @property
+    def _mixed(self) -> MixedInt8Config:
+        assert isinstance(self.config, MixedInt8Config), "int8-mixed takes a MixedInt8Config"
+        return self.config
 
     def _base(self) -> str:
-        return str(self.config.base)
+        return str(self._mixed.base)
 
     def _always_rank(self) -> bool:
         return True
 
     def _per_token(self) -> bool:
         # per-token scales are computed at run time: a calibrated (static) base has one range per tensor
-        return bool(self.config.per_token) and self.config.base == "dynamic"
+        return bool(self._mixed.per_token) and self._mixed.base == "dynamic"
 
 
 _INT8_KERNELS = ("MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulInteger", "QGemm",

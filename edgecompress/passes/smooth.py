@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgecompress.passes.base import Batch
+from edgecompress.passes.capture import Capture, token_rows
 
 # s is clipped so that neither side's range collapses on a channel that is (nearly) zero in calibration
 _S_MIN, _S_MAX = 1e-3, 1e3
@@ -40,24 +41,13 @@ def activation_stats(model: onnx.ModelProto, names: list[str], batches: Iterable
                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-channel max |x| of the named tensors over calibration batches (tokens under attention_mask only), and
     the first `keep_rows` token rows of each (a bounded sample for judging the quantization error)."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in have:
-            probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    inputs = {i.name for i in sess.get_inputs()}
+    capture = Capture(model, names, purpose="measure activation outliers")
     amax: dict[str, np.ndarray] = {}
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for batch in batches:
-        outs = sess.run(names, {k: v for k, v in batch.items() if k in inputs})
-        mask = batch.get("attention_mask")
-        for name, out in zip(names, outs, strict=True):
-            flat = out[mask.astype(bool)] if mask is not None and out.shape[:2] == mask.shape else \
-                out.reshape(-1, out.shape[-1])
+        outs = capture(batch)
+        for name in names:
+            flat = token_rows(outs[name], batch.get("attention_mask"))
             m = np.abs(flat).max(axis=0)
             amax[name] = m if name not in amax else np.maximum(amax[name], m)
             if sum(len(r) for r in rows[name]) < keep_rows:

@@ -18,12 +18,10 @@ import onnx
 from edgecompress.budget import Figure
 from edgecompress.model import artifact_size_bytes
 from edgecompress.targets import Target
+from edgecompress.tasknames import DECODER_TASK
 
 if TYPE_CHECKING:
     from edgecompress.profiling.ssh import DeviceOptions
-
-
-DECODER_TASK = "text-generation-with-past"  # = export.DECODER_TASKS[0]; profiling does not import export
 
 
 def is_decoder_workload(dims: dict[str, int]) -> bool:

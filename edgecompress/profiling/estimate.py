@@ -21,10 +21,9 @@ from typing import Any
 import onnx
 
 from edgecompress.graph import GraphIndex
+from edgecompress.isa import GPU_PROVIDERS  # one home for the fact
 from edgecompress.profiling.cost import DTYPE_BYTES, NodeCost, concrete_shapes, node_costs, numel
 from edgecompress.targets import Target
-
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 # measured / roofline on the dev host (2-core AMD EPYC, AVX2, 1 thread), per precision profile; from
 # `make bench-estimate` (benchmarks/results/estimator_error.json, "factors_all_points"). A profile not listed: 1.0.

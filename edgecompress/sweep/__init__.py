@@ -85,20 +85,17 @@ def _options(spec: JobSpec, force: bool, threads: int | None = None) -> Any:
 
 def run_job(spec: JobSpec) -> dict[str, Any]:
     """Runs on a worker: build one bundle, return its manifest summary (budget failures are not errors)."""
-    from edgecompress.pipeline import build
-    from edgecompress.search import NothingFits, build_auto
+    from edgecompress.api import build_bundle
+    from edgecompress.search import NothingFits
 
     threads = int(os.environ.get("EDGECOMPRESS_JOB_THREADS", "0")) or None
     opts = _options(spec, force=True, threads=threads)
-    if spec.recipe != "auto":
-        manifest = build(opts)
-    else:
-        try:  # keep the closest bundle: a sweep reports what fits and what does not
-            manifest = build_auto(opts, keep_best=True)
-        except NothingFits as e:
-            if e.manifest is None:
-                raise
-            manifest = e.manifest
+    try:  # auto: keep the closest bundle, a sweep reports what fits and what does not
+        manifest = build_bundle(opts, keep_best=spec.recipe == "auto")
+    except NothingFits as e:
+        if e.manifest is None:
+            raise
+        manifest = e.manifest
     return job_summary(manifest)
 
 
@@ -106,7 +103,8 @@ def plan_jobs(models: list[str | None], targets: list[str], recipes: list[str], 
               eval_file: Path | None = None, calibration: Path | None = None,
               text_column: str | None = None) -> list[JobSpec]:
     """Validate every combination up front (cheaply) and compute each job's build key."""
-    from edgecompress.pipeline import BuildOptions, build_key, plan, resolve_model
+    from edgecompress.api import bundle_key
+    from edgecompress.pipeline import BuildOptions, resolve_model
 
     jobs = []
     for model in models:
@@ -120,12 +118,7 @@ def plan_jobs(models: list[str | None], targets: list[str], recipes: list[str], 
                                calibration=str(calibration) if calibration else None, text_column=text_column)
                 opts: BuildOptions = _options(spec, force=True)
                 try:
-                    if recipe == "auto":
-                        from edgecompress.search import auto_key
-
-                        key = auto_key(opts)
-                    else:
-                        key = build_key(plan(opts), opts)
+                    key = bundle_key(opts)
                 except EdgeCompressError as e:
                     key = f"invalid: {e.one_line()}"  # reported as this job's failure, others go on
                 jobs.append(JobSpec(**{**asdict(spec), "key": key}))

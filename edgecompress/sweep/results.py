@@ -8,10 +8,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgecompress.plots import ParetoPoint, pareto_front, pareto_png
-from edgecompress.sweep import JobResult
+
+if TYPE_CHECKING:  # the sweep package imports this module when it writes results
+    from edgecompress.sweep import JobResult
 
 __all__ = ["pareto_front", "plot_pareto", "write_results"]  # pareto_front: kept importable from here
 
