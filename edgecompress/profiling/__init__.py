@@ -82,9 +82,9 @@ def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, d
 def _measure_here(model_path: Path, target: Target, dims: dict[str, int], vocab_size: int | None,
                   opts: ProfileOptions, profile: dict[str, Any], figures: dict[str, Figure]) -> None:
     from edgecompress.profiling.local import OutOfMemory, profile_local
+    from edgecompress.profiling.transport import figure_source, record_out_of_memory
 
-    # a host target is measured as itself; any other target measured here is only this host standing in for it
-    source = "measured" if target.host else "measured-on-host"
+    section, source = figure_source(target, on_device=False)
     # pin only when asked: a sweep runs several jobs at once, each already given its share of threads
     cores = opts.emulate_cores
     cap = float(target.hardware.usable_ram_mb) if opts.memory_cap else None
@@ -94,12 +94,9 @@ def _measure_here(model_path: Path, target: Target, dims: dict[str, int], vocab_
                            min_seconds=opts.min_seconds, cores=cores, memory_cap_mb=cap,
                            op_profile_runs=opts.op_profile_runs)
     except OutOfMemory as e:
-        note = f"out of memory: killed at the {e.cap_mb:.0f} MB cap (the target's usable RAM)"
-        profile["host"] = {"source": source, "out_of_memory": True, "memory_cap_mb": e.cap_mb, "note": note,
-                           "machine": platform.machine()}
-        figures["peak_ram"] = Figure(e.cap_mb, "MB", source, note, failed=True)
+        record_out_of_memory(profile, figures, section, source, e.cap_mb)
         return
-    profile["host"] = {**hp.section(source), "machine": platform.machine()}
+    profile[section] = {**hp.section(source), "machine": platform.machine()}
     where = "VmHWM of the runner process" + ("" if target.host else f" on this host pinned to {cores} cores")
     figures["peak_ram"] = Figure(hp.peak_rss_mb, "MB", source, where)
     figures["latency_p90"] = Figure(hp.latency_ms.p90, "ms", source, "p90, single stream (MLPerf)")

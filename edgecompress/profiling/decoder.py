@@ -156,11 +156,13 @@ def profile_decoder(model: onnx.ModelProto, model_path: Path, target: Target, di
                                      f"baseline + weights + KV cache at {dims['context_length']} tokens")
         return profile, figures
     n = threads or target.runtime.threads
-    section, source, where, extra = "host", ("measured" if target.host else "measured-on-host"), "", {}
+    from edgecompress.profiling.transport import figure_source, record_out_of_memory
+
+    section, source = figure_source(target, on_device=device is not None)
+    where, extra = "", {}
     if device is not None:
         from edgecompress.profiling.ssh import profile_on_device
 
-        section, source = "device", "measured"
 
         def run(t: int) -> dict[str, Any]:
             r = profile_on_device(model_path, _spec(model_path, t, dims, vocab_size, 3), device)
@@ -180,10 +182,7 @@ def profile_decoder(model: onnx.ModelProto, model_path: Path, target: Target, di
         if n != 1:
             runs[n] = run(n)
     except OutOfMemory as e:
-        note = f"out of memory: killed at the {e.cap_mb:.0f} MB cap (the target's usable RAM)"
-        profile[section] = {"source": source, "out_of_memory": True, "memory_cap_mb": e.cap_mb, "note": note,
-                            "machine": platform.machine()}
-        figures["peak_ram"] = Figure(e.cap_mb, "MB", source, note, failed=True)
+        record_out_of_memory(profile, figures, section, source, e.cap_mb)
         return profile, figures
     main = runs[n]
     # the runner's cache only grew to prompt + new tokens; the budget is for the target's whole context
