@@ -35,6 +35,7 @@ SUPPORTED_TASKS: dict[str, str] = {
     "feature-extraction": "last_hidden_state",
     "text-classification": "logits",
     tasknames.DECODER_TASK: "logits",
+    tasknames.IMAGE_CLASSIFICATION: "logits",
 }
 # Causal LMs exported with their KV cache as inputs/outputs (past_key_values.N.key/value, present.N.key/value).
 DECODER_TASKS = tasknames.DECODER_TASKS
@@ -44,12 +45,15 @@ ONNX_TASK = tasknames.ONNX_TASK
 _ARCH_SUFFIX_TASK = (
     ("ForSequenceClassification", "text-classification"),
     ("ForCausalLM", tasknames.DECODER_TASK),
+    ("ForImageClassification", tasknames.IMAGE_CLASSIFICATION),
     ("ForMaskedLM", "fill-mask"),
     ("ForTokenClassification", "token-classification"),
     ("ForQuestionAnswering", "question-answering"),
     ("Model", "feature-extraction"),
 )
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+# what transformers' AutoImageProcessor / AutoFeatureExtractor read; saved beside the model and into the bundle
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 @contextlib.contextmanager
@@ -135,9 +139,16 @@ def inspect_model(model_dir: Path, task: str | None = None) -> ModelInfo:
     if task not in optimum_tasks:
         raise ModelError(f"optimum cannot export '{model_type}' for task '{task}'",
                          hint=f"tasks it supports for {model_type}: {', '.join(optimum_tasks)}")
-    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+    if tasknames.MODALITY.get(task, "text") != "text":  # images/audio: the preprocessor instead of a tokenizer
+        if not (model_dir / PREPROCESSOR_FILE).is_file():
+            raise ModelError(f"{model_dir} has no {PREPROCESSOR_FILE} (the image processor or feature extractor)",
+                             hint="save the processor beside the model: processor.save_pretrained(model_dir)")
+    elif not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         raise ModelError(f"{model_dir} has no tokenizer files", hint="save the tokenizer beside the model")
     archs = config.get("architectures") or [model_type]
+    fam = None
+    if tasknames.MODALITY.get(task) == "image":
+        fam = "transformer" if config.get("num_attention_heads") or config.get("encoder_attention_heads") else "conv"
     return ModelInfo(
         model_type=model_type,
         architecture=archs[0],
@@ -147,6 +158,7 @@ def inspect_model(model_dir: Path, task: str | None = None) -> ModelInfo:
         num_attention_heads=config.get("num_attention_heads"),
         intermediate_size=config.get("intermediate_size"),
         max_positions=config.get("max_position_embeddings") or config.get("n_positions"),
+        family=fam,
     )
 
 
@@ -154,8 +166,15 @@ def inspect_onnx_file(path: Path, task: str | None) -> ModelInfo:
     """An ONNX file brought as is: no export, judged against itself on seeded random inputs."""
     import onnx
 
-    if task not in (None, ONNX_TASK):
-        raise ModelError(f"--task {task} does not apply to an ONNX file", hint="leave --task out for .onnx models")
+    beside = path.parent / PREPROCESSOR_FILE
+    image_task = task == tasknames.IMAGE_CLASSIFICATION or (task is None and beside.is_file())
+    if task not in (None, ONNX_TASK) and not image_task:
+        raise ModelError(f"--task {task} does not apply to an ONNX file",
+                         hint="leave --task out, or give --task image-classification with a "
+                              f"{PREPROCESSOR_FILE} beside the .onnx")
+    if image_task and not beside.is_file():
+        raise ModelError(f"an image classifier given as .onnx needs its {PREPROCESSOR_FILE} beside it",
+                         hint="save the image processor into the .onnx file's directory")
     try:
         m = onnx.load(str(path), load_external_data=False)
     except Exception as e:
@@ -173,6 +192,13 @@ def inspect_onnx_file(path: Path, task: str | None) -> ModelInfo:
         artifact_files(path)
     except UnsafeExternalData as e:
         raise ModelError(str(e), hint="keep the external data files beside the .onnx file") from None
+    if image_task:  # judged on images through its preprocessor, against itself (no PyTorch)
+        inits = {i.name for i in m.graph.initializer}
+        conv = sum(1 for n in m.graph.node if n.op_type == "Conv")
+        matmul = sum(1 for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+                     and n.input[1] in inits)
+        return ModelInfo(model_type="onnx", architecture=m.graph.name or path.stem,
+                         task=tasknames.IMAGE_CLASSIFICATION, family="transformer" if matmul > conv else "conv")
     return ModelInfo(model_type="onnx", architecture=m.graph.name or path.stem, task=ONNX_TASK)
 
 
@@ -192,8 +218,8 @@ class ExportResult:
 def export_onnx(model_dir: Path, info: ModelInfo, out_dir: Path, opset: int | None = None) -> ExportResult:
     """optimum's exporter into out_dir: model.onnx plus config and tokenizer files (an .onnx MODEL is copied)."""
     t0 = time.perf_counter()
-    if info.task == ONNX_TASK:
-        return _copy_onnx(model_dir, out_dir, t0)
+    if info.model_type == "onnx":
+        return _copy_onnx(model_dir, out_dir, t0, info.task)
     from optimum.exporters.onnx import main_export
 
     try:
@@ -217,7 +243,9 @@ def export_onnx(model_dir: Path, info: ModelInfo, out_dir: Path, opset: int | No
                         files=sorted(p.name for p in out_dir.iterdir()))
 
 
-def _copy_onnx(src: Path, out_dir: Path, t0: float) -> ExportResult:
+def _copy_onnx(src: Path, out_dir: Path, t0: float, task: str = ONNX_TASK) -> ExportResult:
+    import shutil
+
     import onnx
 
     from edgecompress.model import save_model
@@ -225,10 +253,34 @@ def _copy_onnx(src: Path, out_dir: Path, t0: float) -> ExportResult:
     m = onnx.load(str(src))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(m, out_dir / "model.onnx")
+    if task != ONNX_TASK:  # an image model's preprocessor (and labels) travel with it
+        for name in (PREPROCESSOR_FILE, "config.json"):
+            if (src.parent / name).is_file():
+                shutil.copy2(src.parent / name, out_dir / name)
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return ExportResult(onnx_path=out_dir / "model.onnx", task=ONNX_TASK, opset=opset,
+    return ExportResult(onnx_path=out_dir / "model.onnx", task=task, opset=opset,
                         seconds=time.perf_counter() - t0, output_name=m.graph.output[0].name,
                         files=sorted(p.name for p in out_dir.iterdir()))
+
+
+def load_image_processor(model_dir: Path) -> Any:
+    """The model's image processor (preprocessor_config.json), as transformers' AutoImageProcessor reads it."""
+    from transformers import AutoImageProcessor
+
+    try:
+        with quiet_libraries():
+            return AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True, use_fast=False)
+    except Exception as e:
+        raise ModelError(f"cannot load the image processor from {model_dir}: {str(e).splitlines()[0]}",
+                         hint=f"save it beside the model ({PREPROCESSOR_FILE})") from e
+
+
+def processor_digest(model_dir: Path) -> str:
+    """sha256 of the preprocessor config: the inputs (and so every reference and calibration) depend on it."""
+    import hashlib
+
+    path = model_dir / PREPROCESSOR_FILE
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -246,9 +298,10 @@ class TorchReference:
 
     def __init__(self, model_dir: Path, task: str) -> None:
         import torch
-        from transformers import AutoModel, AutoModelForSequenceClassification
+        from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
 
-        cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
+        cls = {"text-classification": AutoModelForSequenceClassification,
+               tasknames.IMAGE_CLASSIFICATION: AutoModelForImageClassification}.get(task, AutoModel)
         with quiet_libraries():
             self.model = cls.from_pretrained(str(model_dir), local_files_only=True, torch_dtype=torch.float32)
         self.model.eval()

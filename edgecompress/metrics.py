@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from edgecompress.tasknames import DECODER_TASK
+from edgecompress.tasknames import DECODER_TASK, IMAGE_CLASSIFICATION
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,16 @@ METRICS: dict[str, Metric] = {
                "mean cosine between pooled embeddings and the reference's"),
         Metric("cosine_p1", True, "", ("feature-extraction", "onnx"), "1st percentile of that cosine"),
         Metric("cosine_min", True, "", ("feature-extraction", "onnx"), "worst text's cosine"),
-        Metric("top1_agreement", True, "", ("text-classification",),
-               "share of texts whose arg-max class matches the reference's"),
-        Metric("kl_mean", False, "nats", ("text-classification",),
+        Metric("top1_agreement", True, "", ("text-classification", IMAGE_CLASSIFICATION),
+               "share of texts (images) whose arg-max class matches the reference's"),
+        Metric("kl_mean", False, "nats", ("text-classification", IMAGE_CLASSIFICATION),
                "mean KL(reference || candidate) of the class distributions"),
+        Metric("top5_agreement", True, "", (IMAGE_CLASSIFICATION,),
+               "share of images whose reference arg-max class is among the candidate's top 5"),
+        Metric("top1_accuracy", True, "", (IMAGE_CLASSIFICATION,),
+               "share of labelled images whose arg-max class is the label"),
+        Metric("top1_accuracy_reference", True, "", (IMAGE_CLASSIFICATION,),
+               "the reference's top-1 accuracy on the same labelled images"),
         # decoders (causal LMs): judged on the evaluation text's tokens, next-token prediction
         Metric("perplexity_ratio", False, "", (DECODER_TASK,),
                "perplexity on the evaluation text / the reference's perplexity on the same tokens"),
@@ -48,6 +54,7 @@ METRICS: dict[str, Metric] = {
 PRIMARY_METRIC: dict[str, str] = {
     "feature-extraction": "cosine_mean",
     "text-classification": "top1_agreement",
+    IMAGE_CLASSIFICATION: "top1_agreement",
     "onnx": "cosine_mean",
     DECODER_TASK: "perplexity_ratio",
 }
@@ -56,6 +63,7 @@ PRIMARY_METRIC: dict[str, str] = {
 # of 1.5 or a top-1 floor of 99 (a percentage) can never be met, a KL ceiling below 0 never either.
 RANGE: dict[str, tuple[float, float]] = {
     "cosine_mean": (-1.0, 1.0), "cosine_p1": (-1.0, 1.0), "cosine_min": (-1.0, 1.0),
-    "top1_agreement": (0.0, 1.0), "next_token_top1": (0.0, 1.0),
+    "top1_agreement": (0.0, 1.0), "next_token_top1": (0.0, 1.0), "top5_agreement": (0.0, 1.0),
+    "top1_accuracy": (0.0, 1.0), "top1_accuracy_reference": (0.0, 1.0),
     "kl_mean": (0.0, float("inf")), "perplexity_ratio": (0.0, float("inf")), "perplexity": (1.0, float("inf")),
 }

@@ -23,11 +23,12 @@ from edgecompress import budget, export, genai, steps
 from edgecompress.bundle import StagedDir, check_out_dir, hash_bundle_files
 from edgecompress.bundle_files import bundle_section, copy_bundle_files
 from edgecompress.cache import Cache, digest, hash_texts
-from edgecompress.calibration import TextSet, builtin_texts, load_texts
-from edgecompress.errors import BuildInterrupted, ModelError
+from edgecompress.calibration import TextSet
+from edgecompress.errors import BuildInterrupted, ConfigError, ModelError
 from edgecompress.inputs import check_build_options, check_fidelity_limit
 from edgecompress.layers import layer_table
 from edgecompress.manifest import Artifact, Manifest
+from edgecompress.media import load_data
 from edgecompress.metrics import METRICS, PRIMARY_METRIC
 from edgecompress.model import artifact_size_bytes, load_model, save_model, sha256_file, sha256_files
 from edgecompress.passes.base import ModelInfo, PassContext
@@ -125,12 +126,16 @@ def plan(opts: BuildOptions) -> _Plan:
     validate_workload(info, target)
     recipe = make_recipe(opts.recipe or default_recipe(target.default_recipe, info.task), opts.recipe_options,
                          task=info.task)
+    for ps in recipe.passes:  # the model cannot use it (a MatMul-only recipe on a CNN): refused, with the reason
+        if (why := type(ps).refuses(info)) is not None:
+            raise ConfigError(f"recipe '{recipe.name}' does not apply to {info.architecture}: {why}",
+                              hint="see `edgecompress recipes`; int8-static and fp16 apply to every image model")
     for ps in recipe.passes:  # what the search would leave out; an explicit build still runs it
         if (why := type(ps).requires(target, info)) is not None:
             log.warning("%s cannot help on %s: %s", ps.name, target.name, why)
-    eval_texts = load_texts(opts.eval, opts.text_column) if opts.eval else builtin_texts("evaluation")
-    calib_texts = (load_texts(opts.calibration, opts.text_column) if opts.calibration
-                   else builtin_texts("calibration"))
+    # texts, or images/audio for models that read them (media.py dispatches on the task's modality)
+    eval_texts = load_data(opts.eval, info.task, "evaluation", opts.text_column)
+    calib_texts = load_data(opts.calibration, info.task, "calibration", opts.text_column)
     out = Path(opts.out) if opts.out else Path("build") / f"{model_name}-{target.name}"
     check_out_dir(out, opts.force, protect=(model_dir,))
     package = package_for(opts.package, target, info.task)
@@ -252,7 +257,7 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
         recipe={**p.recipe.describe(), "passes": pass_records,
                 "layers": layer_table(model, [r["report"] for r in pass_records])},
         export={"task": info.task, "opset": exp.opset, "seconds": exp.seconds, "check": check.as_dict(),
-                "exporter": ("none (ONNX given)" if info.task == export.ONNX_TASK
+                "exporter": ("none (ONNX given)" if info.model_type == "onnx"
                              else "onnxruntime_genai.models.builder" if exp.exporter == "genai"
                              else "optimum.exporters.onnx.main_export"),
                 **({"path": "fast" if exp.exporter == "genai" else "fallback", "path_why": exporter_why,

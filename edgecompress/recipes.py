@@ -48,7 +48,7 @@ class RecipeSpec:
     def requires(self, target: Any, info: Any = None) -> str | None:
         """Why this recipe cannot help on the target (its pass's `requires`), or None."""
         cls = self.pass_for(getattr(info, "task", None))
-        return cls.requires(target, info) if cls is not None else None
+        return (cls.refuses(info) or cls.requires(target, info)) if cls is not None else None
 
 
 @cache

@@ -31,7 +31,7 @@ from edgecompress.cache import Cache
 from edgecompress.errors import BuildInterrupted, EdgeCompressError, UsageError
 from edgecompress.manifest import Manifest
 from edgecompress.metrics import METRICS, PRIMARY_METRIC
-from edgecompress.passes.base import WeightBytes
+from edgecompress.passes.base import ModelInfo, WeightBytes
 from edgecompress.pipeline import build, build_key, plan
 from edgecompress.progress import NullProgress, Progress
 from edgecompress.recipes import RECIPES, RecipeOptions, make_recipe
@@ -68,7 +68,7 @@ def grid() -> tuple[Candidate, ...]:
     return tuple(out)
 
 
-def candidates(task: str, target: Target, max_candidates: int | None = None
+def candidates(task: str, target: Target, max_candidates: int | None = None, info: ModelInfo | None = None
                ) -> tuple[list[Candidate], list[dict[str, str]]]:
     """(candidates to consider, excluded ones with the reason)."""
     keep: list[Candidate] = []
@@ -80,7 +80,7 @@ def candidates(task: str, target: Target, max_candidates: int | None = None
             excluded.append({"candidate": c.name,
                              "reason": f"does not apply to {task} models" + (f": {why}" if why else "")})
             continue
-        if (why := spec.requires(target)) is not None:
+        if (why := spec.requires(target, info)) is not None:
             excluded.append({"candidate": c.name, "reason": why})
             continue
         try:
@@ -218,7 +218,7 @@ def build_auto(opts: Any, progress: Progress | None = None, *, max_candidates: i
     key = auto_key(opts, max_candidates)
     target, info = base.target, base.info
     metric = PRIMARY_METRIC[info.task]
-    cands, excluded = candidates(info.task, target, max_candidates)
+    cands, excluded = candidates(info.task, target, max_candidates, info)
     if not cands:
         raise UsageError(f"no recipe can run on {target.name} for this model",
                          hint="; ".join(f"{e['candidate']}: {e['reason']}" for e in excluded) or None)

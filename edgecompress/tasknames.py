@@ -7,5 +7,12 @@ from __future__ import annotations
 
 DECODER_TASK = "text-generation-with-past"  # causal LMs, exported with a KV cache
 ONNX_TASK = "onnx"  # an .onnx file given as MODEL: no export
-ENCODER_TASKS = ("feature-extraction", "text-classification", ONNX_TASK)
+# models that read images (vision.py: classification)
+IMAGE_CLASSIFICATION = "image-classification"
+OBJECT_DETECTION = "object-detection"
+VISION_TASKS = (IMAGE_CLASSIFICATION,)
+# one forward pass per batch, judged on its outputs (text encoders and image models alike)
+ENCODER_TASKS = ("feature-extraction", "text-classification", ONNX_TASK, *VISION_TASKS)
 DECODER_TASKS = (DECODER_TASK,)
+# what a task's calibration/evaluation data are (media.load_data); a task not listed reads text
+MODALITY: dict[str, str] = {IMAGE_CLASSIFICATION: "image", OBJECT_DETECTION: "image"}

@@ -238,6 +238,10 @@ def _flat_unit(out: np.ndarray) -> np.ndarray:
 
 
 def make_task(info: ModelInfo, inputs: TextInputs) -> TaskAdapter:
+    if info.task == "image-classification":  # images: edgecompress/vision.py (tasks/vision.py once a package)
+        from edgecompress.vision import ImageClassificationTask
+
+        return ImageClassificationTask(info, inputs)
     if info.task == export.ONNX_TASK:
         return OnnxFileTask(info, inputs.export_dir / "model.onnx")
     if info.task in export.DECODER_TASKS:

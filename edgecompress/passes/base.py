@@ -33,6 +33,8 @@ class ModelInfo:
     num_attention_heads: int | None = None
     intermediate_size: int | None = None
     max_positions: int | None = None
+    # image models: "conv" (CNNs, their FLOPs in Conv) or "transformer" (ViT-class, MatMul-heavy); None for text
+    family: str | None = None
 
 
 @dataclass
@@ -64,6 +66,14 @@ class Skip:
 
     def as_dict(self) -> dict[str, str]:
         return {"site": self.site, "reason": self.reason}
+
+
+def matmul_only(info: ModelInfo | None) -> str | None:
+    """The refusal of a pass that quantizes only MatMuls (and embedding Gathers), for a convolutional network."""
+    if info is not None and info.family == "conv":
+        return ("it quantizes MatMul weights only, and a convolutional network's work is in Conv layers (ORT has no "
+                "4-bit or dynamic-int8 Conv kernel worth using); use int8-static (QDQ Conv) or fp16")
+    return None
 
 
 def skips(*items: Skip) -> list[dict[str, str]]:
@@ -117,6 +127,12 @@ class Pass(ABC, Generic[C]):
     @classmethod
     def requires(cls, target: Target, info: ModelInfo | None) -> str | None:
         """Why this pass cannot help on `target` (checked at plan time, before any export), or None."""
+        return None
+
+    @classmethod
+    def refuses(cls, info: ModelInfo | None) -> str | None:
+        """Why this pass cannot work on this model at all (a build refuses it at plan time, the search leaves it
+        out), or None."""
         return None
 
     @abstractmethod

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from edgecompress.errors import PassError
 from edgecompress.graph import GraphIndex
-from edgecompress.passes.base import Pass, PassContext, PassResult, Skip, register, skips
+from edgecompress.passes.base import ModelInfo, Pass, PassContext, PassResult, Skip, matmul_only, register, skips
 from edgecompress.passes.options import Option, option, validate_config
 from edgecompress.tasknames import DECODER_TASK, ENCODER_TASKS
 
@@ -59,6 +59,10 @@ def rank_for_energy(s: np.ndarray, energy: float) -> int:
 @register(tasks=(*ENCODER_TASKS, DECODER_TASK), order=1)
 class LowRank(Pass[LowRankConfig]):
     name = "low-rank"
+
+    @classmethod
+    def refuses(cls, info: ModelInfo | None) -> str | None:
+        return matmul_only(info)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         cfg = self.config

@@ -22,7 +22,18 @@ from edgecompress import isa
 from edgecompress.errors import PassError
 from edgecompress.graph import GraphIndex, op_histogram
 from edgecompress.passes import ort_quant
-from edgecompress.passes.base import Batch, Pass, PassContext, PassResult, Skip, WeightBytes, register, skips
+from edgecompress.passes.base import (
+    Batch,
+    ModelInfo,
+    Pass,
+    PassContext,
+    PassResult,
+    Skip,
+    WeightBytes,
+    matmul_only,
+    register,
+    skips,
+)
 from edgecompress.passes.capture import Capture, token_rows
 from edgecompress.passes.options import BLOCK_SIZE, CALIBRATION_SAMPLES, Option, option, validate_config
 from edgecompress.targets import Target
@@ -82,6 +93,10 @@ class Int4WeightOnly(Pass[Int4Config]):
     """MatMul -> MatMulNBits, word-embedding Gather -> GatherBlockQuantized, 4 bits per weight."""
 
     name = "int4"
+
+    @classmethod
+    def refuses(cls, info: ModelInfo | None) -> str | None:
+        return matmul_only(info)
 
     @classmethod
     def configure(cls, values: Mapping[str, Any], task: str | None) -> Int4Config:

@@ -16,7 +16,17 @@ from edgecompress.errors import ConfigError, PassError
 from edgecompress.graph import GraphIndex, op_histogram
 from edgecompress.isa import X86_VNNI, no_dynamic_int8_on_gpu, no_int8_gemm
 from edgecompress.passes import ort_quant
-from edgecompress.passes.base import ModelInfo, Pass, PassContext, PassResult, Skip, WeightBytes, register, skips
+from edgecompress.passes.base import (
+    ModelInfo,
+    Pass,
+    PassContext,
+    PassResult,
+    Skip,
+    WeightBytes,
+    matmul_only,
+    register,
+    skips,
+)
 from edgecompress.passes.int8_graph import (  # noqa: F401  (re-exported: codebook and tests import them here)
     _drop_unused_initializers,
     _opset,
@@ -57,6 +67,10 @@ class DynamicInt8(Pass[DynamicInt8Config]):
     """Weights to int8 (per output channel), activations quantized on the fly by ORT at run time."""
 
     name = "int8-dynamic"
+
+    @classmethod
+    def refuses(cls, info: ModelInfo | None) -> str | None:
+        return matmul_only(info)
 
     @classmethod
     def requires(cls, target: Target, info: ModelInfo | None) -> str | None:
@@ -389,6 +403,10 @@ class MixedInt8(StaticInt8):
     on calibration data. Base: dynamic (default) or static activation quantization."""
 
     name = "int8-mixed"
+
+    @classmethod
+    def refuses(cls, info: ModelInfo | None) -> str | None:
+        return matmul_only(info)
     config_class = MixedInt8Config
 
     @classmethod

@@ -47,7 +47,17 @@ from edgecompress.errors import ConfigError, PassError
 from edgecompress.graph import GraphIndex, op_histogram
 from edgecompress.isa import no_dynamic_int8_on_gpu
 from edgecompress.passes import ort_quant
-from edgecompress.passes.base import ModelInfo, Pass, PassContext, PassResult, Skip, WeightBytes, register, skips
+from edgecompress.passes.base import (
+    ModelInfo,
+    Pass,
+    PassContext,
+    PassResult,
+    Skip,
+    WeightBytes,
+    matmul_only,
+    register,
+    skips,
+)
 from edgecompress.passes.codebook.config import (
     _SLACK_BYTES,
     BASES,
@@ -98,6 +108,10 @@ class Codebook(Pass[CodebookConfig]):
     """ORT dynamic int8, then each large int8 weight replaced by a b-bit codebook decode that ORT folds at load."""
 
     name = "codebook"
+
+    @classmethod
+    def refuses(cls, info: ModelInfo | None) -> str | None:
+        return matmul_only(info)
 
     @classmethod
     def requires(cls, target: Target, info: ModelInfo | None) -> str | None:

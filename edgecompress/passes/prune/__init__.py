@@ -43,7 +43,17 @@ import onnx
 
 from edgecompress.errors import PassError
 from edgecompress.graph import GraphIndex
-from edgecompress.passes.base import Batch, Pass, PassContext, PassResult, Skip, register, skips
+from edgecompress.passes.base import (
+    Batch,
+    ModelInfo,
+    Pass,
+    PassContext,
+    PassResult,
+    Skip,
+    matmul_only,
+    register,
+    skips,
+)
 from edgecompress.passes.options import BLOCK_SIZE, Option, option, validate_config
 from edgecompress.passes.prune.flops import _unit_macs, matmul_flops
 from edgecompress.passes.prune.obs import _augmented_weight, allocate, refit, removal_curve
@@ -117,6 +127,10 @@ def _aligned_removal(b: Block, remove: int, multiple: int, nearest: bool) -> int
           compose=(("int8-dynamic", {}), ("codebook", {"codebook_bits": 4}), ("int4", {})))
 class StructuredPrune(Pass[PruneConfig]):
     name = "prune"
+
+    @classmethod
+    def refuses(cls, info: ModelInfo | None) -> str | None:
+        return matmul_only(info)
 
     @classmethod
     def configure(cls, values: Mapping[str, Any], task: str | None) -> PruneConfig:

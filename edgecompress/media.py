@@ -1,0 +1,156 @@
+"""Calibration and evaluation data for models that read images (or, later, audio) instead of text.
+
+One entry point for `--calibration`/`--eval` whatever the model reads (`load_data`): a text model gets the text
+loaders of calibration.py unchanged; an image model gets a MediaSet, the files of
+
+- a directory (searched recursively, sorted; only files with the modality's suffixes),
+- a list file (.txt/.lst): one path a line, relative to the list file's directory, optionally followed by a TAB
+  and a label (a class index or name for images; a reference transcript for audio); '#' lines are comments,
+- a single image file,
+- nothing: the built-in set shipped in the package (edgecompress/data/images/, written for this project).
+
+This module lists, checks and hashes files; decoding them is the task adapter's job. A MediaSet is a TextSet whose
+`texts` are "<sha256> <name>" per file, so every cache and build key that hashes texts hashes file contents.
+
+Layering: imports errors and calibration (TextSet) only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from edgecompress.calibration import TextSet, builtin_texts, load_texts
+from edgecompress.errors import DataError
+from edgecompress.tasknames import MODALITY
+
+SUFFIXES: dict[str, tuple[str, ...]] = {
+    "image": (".jpg", ".jpeg", ".png", ".bmp", ".webp"),
+    "audio": (".wav", ".flac"),
+}
+LIST_SUFFIXES = (".txt", ".lst")
+# one media file larger than this is not a photo or a clip an edge model reads; a whole set at most this many files
+MAX_FILE_BYTES = 64 * 2**20
+MAX_FILES = 100_000
+
+
+@dataclass(frozen=True)
+class MediaSet(TextSet):
+    """Media files for calibration or evaluation. `texts` (from TextSet) holds "<sha256> <name>" per file."""
+
+    modality: str = "image"
+    files: tuple[Path, ...] = ()
+    labels: tuple[str | None, ...] = ()  # per file: the list file's label column, else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "count": len(self.files), "modality": self.modality}
+
+
+def modality(task: str) -> str:
+    return MODALITY.get(task, "text")
+
+
+def load_data(path: Path | None, task: str, split: str, text_column: str | None = None) -> TextSet:
+    """The calibration or evaluation data for a model of `task`: texts (calibration.py) or a MediaSet."""
+    kind = modality(task)
+    if kind == "text":
+        return load_texts(path, text_column) if path is not None else builtin_texts(split)  # type: ignore[arg-type]
+    if path is None:
+        return builtin(kind, split)
+    if text_column is not None:
+        raise DataError(f"--text-column does not apply to {kind} data", hint="leave it out")
+    return load_media(Path(path), kind)
+
+
+def builtin(kind: str, split: str) -> MediaSet:
+    """The package's own images: small synthetic scenes generated for this project (edgecompress/data/images)."""
+    root = Path(str(resources.files("edgecompress") / "data" / f"{kind}s" / split))
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in SUFFIXES[kind]) if root.is_dir() else []
+    if not files:
+        raise DataError(f"no built-in {kind} data for {split} in this install",
+                        hint=f"give --{'eval' if split == 'evaluation' else 'calibration'} DIR")
+    return _media_set(files, [None] * len(files), f"builtin:{kind}/{split}", kind)
+
+
+def load_media(path: Path, kind: str) -> MediaSet:
+    suffixes = SUFFIXES[kind]
+    try:
+        is_dir = path.is_dir()
+        exists = path.exists()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if not exists:
+        raise DataError(f"data path not found: {path}",
+                        hint=f"give a directory of {kind}s ({', '.join(suffixes)}) or a list file")
+    if is_dir:
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{path} holds no {kind} files ({', '.join(suffixes)})",
+                            hint=f"give a directory of {kind}s or a list file of their paths")
+        return _media_set(files, [None] * len(files), str(path), kind)
+    suffix = path.suffix.lower()
+    if suffix in suffixes:
+        return _media_set([path], [None], str(path), kind)
+    if suffix in LIST_SUFFIXES:
+        return _from_list(path, kind)
+    raise DataError(f"{path} is neither a directory of {kind}s nor a list file",
+                    hint=f"give a directory of {kind}s ({', '.join(suffixes)}) or a .txt list of their paths")
+
+
+def _from_list(path: Path, kind: str) -> MediaSet:
+    from edgecompress.calibration import _read_text_file
+
+    files: list[Path] = []
+    labels: list[str | None] = []
+    for lineno, raw in enumerate(_read_text_file(path).splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, label = line.partition("\t")
+        f = Path(name.strip())
+        f = f if f.is_absolute() else path.parent / f
+        if f.suffix.lower() not in SUFFIXES[kind]:
+            raise DataError(f"{path}:{lineno}: '{name.strip()}' is not a {kind} file ({', '.join(SUFFIXES[kind])})",
+                            hint=f"one {kind} path a line, optionally TAB and a label")
+        files.append(f)
+        labels.append(label.strip() or None)
+    if not files:
+        raise DataError(f"{path} lists no {kind} files", hint=f"one {kind} path a line")
+    return _media_set(files, labels, str(path), kind)
+
+
+def _media_set(files: list[Path], labels: list[str | None], source: str, kind: str) -> MediaSet:
+    if len(files) > MAX_FILES:
+        raise DataError(f"{source} holds {len(files):,} {kind} files, more than {MAX_FILES:,}",
+                        hint="use a sample of them")
+    texts = tuple(f"{_sha256(f)} {f.name}" for f in files)
+    return MediaSet(texts=texts, source=source, modality=kind, files=tuple(f.absolute() for f in files),
+                    labels=tuple(labels))
+
+
+def _sha256(path: Path) -> str:
+    """The file's sha256, after the checks every data file gets: exists, regular, within the size cap."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"file not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}", hint="check the path and its permissions") from None
+    if not path.is_file():
+        raise DataError(f"{path} is not a regular file", hint="give files saved on disk")
+    if st.st_size > MAX_FILE_BYTES:
+        raise DataError(f"{path} is {st.st_size / 2**20:,.0f} MiB, more than the {MAX_FILE_BYTES // 2**20} MiB a "
+                        "media file may have")
+    if st.st_size == 0:
+        raise DataError(f"{path} is empty")
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}", hint="check the path and its permissions") from None
+    return h.hexdigest()
