@@ -59,6 +59,7 @@ class OnnxRunner:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # its load-time notes (unused initializers removed) are not the user's business
         if threads:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

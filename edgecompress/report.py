@@ -11,7 +11,7 @@ import html
 from typing import Any
 
 from edgecompress.manifest import Manifest
-from edgecompress.tasknames import DECODER_TASK
+from edgecompress.tasknames import DECODER_TASK, MODALITY
 
 
 def _num(x: object) -> str:
@@ -22,7 +22,8 @@ def _num(x: object) -> str:
 
 def _counted(m: Manifest) -> str:
     """What fidelity and the export check count: a decoder is judged per predicted token, an encoder per text."""
-    return "tokens" if m.fidelity.get("task", m.source.get("task")) == DECODER_TASK else "texts"
+    task = m.fidelity.get("task", m.source.get("task"))
+    return "tokens" if task == DECODER_TASK else "images" if MODALITY.get(task) == "image" else "texts"
 
 
 def pareto_axis(metric: str) -> tuple[str, Any]:
@@ -94,6 +95,11 @@ def render_markdown(m: Manifest) -> str:
     if (per := fid.get("per_text") or {}).get("worst"):
         out += ["", f"Worst texts ({per['metric']}):", ""]
         out += [f"- {w[per['metric']]:.4f}: {w['text']}" for w in per["worst"]]
+    if per.get("examples"):  # image models: FP32 vs compressed top-1 on a few images
+        out += ["", "Example images (FP32 → compressed top-1, probability):", ""]
+        out += [f"- {ex['image']}: {ex['reference']} ({ex['reference_p']:.2f}) → {ex['candidate']} "
+                f"({ex['candidate_p']:.2f})" + (f"; label {ex['label']}" if "label" in ex else "")
+                for ex in per["examples"]]
     exp = m.export
     out += ["", "## Export", "",
             (f"ORT GenAI's model builder ({exp['graph'].get('builder', '?')}; the decoder fast path: "
@@ -188,6 +194,16 @@ def load_snippets(m: Manifest) -> list[tuple[str, str]]:
     elif task == "text-classification":
         out.append(("optimum", f'from optimum.onnxruntime import ORTModelForSequenceClassification\n'
                                f'model = ORTModelForSequenceClassification.from_pretrained("{d}")'))
+    elif MODALITY.get(str(task)) == "image":
+        out.append(("onnxruntime + the bundle's image processor (transformers' AutoImageProcessor, no torch)",
+                    f'import numpy as np, onnxruntime as ort\nfrom PIL import Image\n'
+                    f'from transformers import AutoImageProcessor\n'
+                    f'proc = AutoImageProcessor.from_pretrained("{d}")\n'
+                    f'sess = ort.InferenceSession("{d}/model.onnx")\n'
+                    f'image = Image.open("photo.jpg").convert("RGB")\n'
+                    f'pixels = proc(images=[image], return_tensors="np")["pixel_values"]\n'
+                    f'logits = sess.run(None, {{sess.get_inputs()[0].name: pixels.astype(np.float32)}})[0]\n'
+                    f'print(logits.argmax(-1))  # config.json id2label names the classes'))
     elif task == DECODER_TASK:
         out.append(("optimum + the chat template in the bundle",
                     f'from optimum.onnxruntime import ORTModelForCausalLM\n'
@@ -586,4 +602,20 @@ def _fidelity_html(m: Manifest) -> list[str]:
         out += ["<h3>Worst texts</h3>",
                 *_table(["text", metric], [[_e(w["text"]), f"{w[metric]:.4f}"] for w in per.get("worst", [])],
                         frozenset({1}), "worst-texts")]
-    return out
+    return out + _examples_html(per.get("examples") or [])
+
+
+def _examples_html(examples: list[dict[str, Any]]) -> list[str]:
+    """Image models: a few evaluation images with the reference's and the compressed model's top-1 (vision.py)."""
+    if not examples:
+        return []
+    rows = []
+    for ex in examples:
+        same = ex["reference"] == ex["candidate"]
+        rows.append([f'<img src="{_e(ex["thumbnail"])}" alt="{_e(ex["image"])}" width="96"><br>{_e(ex["image"])}',
+                     _e(ex.get("label", "–")), f'{_e(ex["reference"])} ({ex["reference_p"]:.2f})',
+                     f'{_e(ex["candidate"])} ({ex["candidate_p"]:.2f})' + ("" if same else " <b>differs</b>"),
+                     f'{ex["kl"]:.4f}'])
+    return ["<h3>Example images: FP32 vs compressed predictions</h3>",
+            "<p>Disagreements first, then the first images; top-1 class and its probability.</p>",
+            *_table(["image", "label", "FP32", "compressed", "KL"], rows, frozenset({4}), "examples")]

@@ -203,6 +203,47 @@ def quantize_static(
         return onnx.load(str(out))
 
 
+def quantize_qdq_all(
+    model: onnx.ModelProto,
+    ranges: dict[str, tuple[float, float]],
+    *,
+    nodes_to_exclude: Sequence[str] = (),
+    activation_type: str = "uint8",
+    reduce_range: bool = False,
+    per_channel: bool = True,
+    method: str = "minmax",
+) -> onnx.ModelProto:
+    """ORT static QDQ of every op it can quantize (Conv, Gemm, MatMul, Add, pooling, ...), outputs included, so
+    consecutive convolutions stay in int8 (QLinearConv chains) instead of converting back to float between them.
+    For convolutional networks; `nodes_to_exclude` stay float. Weights symmetric int8 (per output channel)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
+    data = TensorsData(methods[method], {k: TensorData(lowest=np.array(lo, dtype=np.float32),
+                                                       highest=np.array(hi, dtype=np.float32))
+                                         for k, (lo, hi) in ranges.items()})
+    with tempfile.TemporaryDirectory(prefix="edgecompress-qdq-") as tmp, _quiet_root_logger():
+        out, cache = Path(tmp) / "quantized.onnx", Path(tmp) / "ranges.json"
+        save_tensors_data(data, cache)
+        try:
+            ort_quantize_static(
+                model, out, None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                reduce_range=reduce_range, activation_type=act, weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(nodes_to_exclude), calibrate_method=methods[method],
+                calibration_cache_path=cache,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": activation_type == "int8",
+                               "DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PassError(f"ONNX Runtime static quantization failed: {first}") from e
+        return onnx.load(str(out))
+
+
 def optimized_op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     """The op histogram after ORT's graph optimizations (what actually runs): QDQ groups become int8 kernels, or
     fold back into float ops (e.g. DequantizeLinear -> Gemm) when ORT has no fusion for them."""

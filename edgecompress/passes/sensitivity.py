@@ -173,14 +173,16 @@ def fake_quantize_int8(
         if node.name not in wanted:
             new_nodes.append(node)
             continue
-        widx, axis = (1, 1) if node.op_type == "MatMul" else (0, 0 if per_token else None)
+        # MatMul [K, N]: per output column; Conv [O, I/g, kh, kw]: per output channel; Gather: per tensor (or row)
+        widx, axis = {"MatMul": (1, 1), "Conv": (1, 0)}.get(node.op_type, (0, 0 if per_token else None))
         w = numpy_helper.to_array(inits[node.input[widx]])
         q, scale = int8_weight(w, axis, reduce_range)
-        dq = (q.astype(np.float32) * (scale if axis is None else np.expand_dims(scale, 1 - axis))).astype(w.dtype)
+        shaped = scale if axis is None else scale.reshape([-1 if d == axis else 1 for d in range(w.ndim)])
+        dq = (q.astype(np.float32) * shaped).astype(w.dtype)
         fq_name = f"{node.input[widx]}__fq{i}"
         m.graph.initializer.append(numpy_helper.from_array(dq, fq_name))
         node.input[widx] = fq_name
-        if node.op_type == "MatMul":
+        if node.op_type in ("MatMul", "Conv"):
             x = node.input[0]
             xq, xd = f"{x}__q{i}", f"{x}__dq{i}"
             if per_token:

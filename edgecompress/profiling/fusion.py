@@ -81,6 +81,8 @@ def _elem_type(name: str, producers: dict[str, onnx.NodeProto], inits: dict[str,
 def predicted_op(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto],
                  rules: FusionRules) -> str:
     """The op ORT's CPU provider would run this MatMul-family node as, on that CPU family."""
+    if node.op_type in ("Conv", "Gemm") and len(node.input) >= 2:
+        return _qdq_conv_gemm(node, producers, inits, rules)
     if node.op_type in INT8_MATMUL_OPS | LOWBIT_MATMUL_OPS or node.op_type != "MatMul" or len(node.input) < 2:
         return node.op_type
     a, b = (producers.get(i) for i in node.input[:2])
@@ -96,6 +98,34 @@ def predicted_op(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], ini
             return "MatMulIntegerToFloat"
         return "MatMul"  # left behind DequantizeLinear: fp32
     return "MatMulNBits" if rules.weight_only else "MatMul"
+
+
+def _qdq_conv_gemm(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], inits: dict[str, onnx.TensorProto],
+                   rules: FusionRules) -> str:
+    """A QDQ Conv/Gemm (DQ(Q(x)) and DQ(int8 weight) in, Q out) fuses into QLinearConv/QGemm in ORT's QDQ
+    transformer (ConvNodeGroupSelector, GemmNodeGroupSelector): with uint8 activations on every CPU family, with
+    int8 only where QDQIsInt8Allowed() (Arm). Without the Q on its output (or its inputs) it runs in float."""
+    a, b = (producers.get(i) for i in node.input[:2])
+    if a is None or b is None or a.op_type != "DequantizeLinear" or b.op_type != "DequantizeLinear":
+        return node.op_type
+    if b.input[0] not in inits or inits[b.input[0]].data_type not in _INT8:
+        return node.op_type
+    a_type = _elem_type(a.input[0], producers, inits)
+    allowed = (a_type == onnx.TensorProto.UINT8 and rules.u8_activations) or \
+              (a_type == onnx.TensorProto.INT8 and rules.s8_activations)
+    consumers = _consumers(node.output[0], producers)
+    quantized_out = bool(consumers) and all(c.op_type == "QuantizeLinear" for c in consumers)
+    if not allowed or not (quantized_out or node.op_type == "Gemm"):
+        return node.op_type
+    return "QLinearConv" if node.op_type == "Conv" else "QGemm"
+
+
+def _consumers(name: str, producers: dict[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
+    seen: dict[int, onnx.NodeProto] = {}
+    for n in producers.values():
+        if name in n.input:
+            seen[id(n)] = n
+    return list(seen.values())
 
 
 def modelled_share(model: onnx.ModelProto, dims: dict[str, int], rules: FusionRules) -> ModelledShare:
