@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # --index-url https://download.pytorch.org/whl/cpu (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast test-arm lint typecheck clean bench-sweep bench-quant bench-int8-latency bench-estimate bench-llm bench-llm-kv8 bench-compress bench-prune
+.PHONY: install demo test test-fast test-arm lint typecheck clean bench-sweep bench-quant bench-int8-latency bench-estimate bench-llm bench-llm-kv8 bench-compress bench-prune bench-vision
 
 install: $(STAMP)
 
@@ -68,3 +68,6 @@ bench-llm-kv8: install
 
 bench-compress: install
 	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/compression.py
+
+bench-vision: install
+	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/vision.py

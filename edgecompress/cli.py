@@ -169,9 +169,10 @@ def _recipe_options(flags: dict[str, Any]) -> Any:
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Bundle directory [default: "
               "build/<model>-<target>/].")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration texts: .txt, .jsonl, .csv or "
-              ".tsv [default: the built-in corpus].")
-@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Evaluation texts, same formats "
-              "[default: the built-in corpus].")
+              ".tsv; for an image model a directory of images or a .txt list of image paths (TAB label "
+              "optional) [default: the built-in corpus or images].")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Evaluation texts or images, same "
+              "forms [default: the built-in corpus or images].")
 @click.option("--text-column", help="Column (.csv/.tsv) or field (.jsonl) holding the text.")
 @click.option("--task", help="Task to export for (default: inferred from config.json), e.g. feature-extraction.")
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1),
@@ -471,8 +472,10 @@ def cache_clear() -> None:
               help="local (a process pool sized to the cores) or dask://HOST:PORT (an existing Dask cluster).")
 @click.option("--workers", type=click.IntRange(min=1), help="Local executor: jobs at once [default: the cores].")
 @click.option("--runs", default=10, show_default=True, type=click.IntRange(min=1), help="Timed runs per job.")
-@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Evaluation texts for every job.")
-@click.option("--calibration", type=click.Path(path_type=Path), help="Calibration texts for every job.")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path),
+              help="Evaluation texts (or images, for image models) for every job.")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Calibration texts (or images, for image models) for every job.")
 @click.option("--text-column", help="Column (.csv/.tsv) or field (.jsonl) holding the text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")

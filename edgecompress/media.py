@@ -48,6 +48,12 @@ class MediaSet(TextSet):
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "count": len(self.files), "modality": self.modality}
 
+    def fingerprint(self) -> str:
+        """Content hash of the files (names and bytes), in order: part of the build and cache keys."""
+        from edgecompress.cache import hash_texts
+
+        return hash_texts(self.texts)
+
 
 def modality(task: str) -> str:
     return MODALITY.get(task, "text")

@@ -203,6 +203,24 @@ def quantize_static(
         return onnx.load(str(out))
 
 
+def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT's quantization pre-processing (quant_pre_process: shape inference and its basic graph optimizations):
+    constant folding, Pad folded into Conv, the flatten simplified. ORT's quantizer otherwise wraps every Pad of a
+    TF-style "same" padding in its own Q/DQ pair: EfficientNet-Lite0 int8 ran at 0.79x FP32 without it, 0.56x with
+    it (one thread, this host), at the same fidelity."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="edgecompress-pre-") as tmp, _quiet_root_logger():
+        src, out = Path(tmp) / "model.onnx", Path(tmp) / "pre.onnx"
+        onnx.save(model, str(src))
+        try:
+            quant_pre_process(str(src), str(out))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PassError(f"ONNX Runtime's quantization pre-processing failed: {first}") from e
+        return onnx.load(str(out))
+
+
 def quantize_qdq_all(
     model: onnx.ModelProto,
     ranges: dict[str, tuple[float, float]],
