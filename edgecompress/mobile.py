@@ -217,9 +217,11 @@ def _compare(onnx_path: Path, ort_path: Path, feed: dict[str, np.ndarray]) -> di
                     "the difference is max_abs_diff_vs_optimized_onnx"}
 
 
-def sample_feed(model: onnx.ModelProto, vocab_size: int | None, seed: int = 0) -> dict[str, np.ndarray]:
+def sample_feed(model: onnx.ModelProto, vocab_size: int | None, seed: int = 0,
+                dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """One small seeded batch for any text model's inputs: token ids, an all-ones mask, zero token types, positions,
-    and zero past key/values (decoders), with symbolic dims set to batch 2, 8 new and 8 past tokens."""
+    and zero past key/values (decoders), with symbolic dims set to batch 2, 8 new and 8 past tokens. `dims` (the
+    task's workload dims) fixes the others, such as an image model's channels, height and width."""
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}
     sizes = {"batch": 2, "past": 8, "sequence": 8}
@@ -228,7 +230,11 @@ def sample_feed(model: onnx.ModelProto, vocab_size: int | None, seed: int = 0) -
         return sum(next((v for k, v in sizes.items() if k in part), 8) for part in name.split("+"))
 
     def dim(d: Any) -> int:
-        return int(d.dim_value) if d.dim_value > 0 else named(d.dim_param or "")
+        if d.dim_value > 0:
+            return int(d.dim_value)
+        if dims and d.dim_param in dims and "batch" not in d.dim_param:
+            return int(dims[d.dim_param])
+        return named(d.dim_param or "")
 
     feed: dict[str, np.ndarray] = {}
     for inp in model.graph.input:

@@ -229,7 +229,7 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
         t0 = time.perf_counter()
         with progress.step("ORT Mobile package"):
             mobile = package_ort_mobile(model_path, stage, target.hardware.arch, target.runtime.providers,
-                                        sample_feed(model, info.vocab_size))
+                                        sample_feed(model, info.vocab_size, dims=task.profile_dims(target)))
         timings["package"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
