@@ -36,6 +36,7 @@ SUPPORTED_TASKS: dict[str, str] = {
     "text-classification": "logits",
     tasknames.DECODER_TASK: "logits",
     tasknames.IMAGE_CLASSIFICATION: "logits",
+    tasknames.OBJECT_DETECTION: "logits",  # and pred_boxes (DETR/YOLOS): vision.ObjectDetectionTask reads both
 }
 # Causal LMs exported with their KV cache as inputs/outputs (past_key_values.N.key/value, present.N.key/value).
 DECODER_TASKS = tasknames.DECODER_TASKS
@@ -46,6 +47,7 @@ _ARCH_SUFFIX_TASK = (
     ("ForSequenceClassification", "text-classification"),
     ("ForCausalLM", tasknames.DECODER_TASK),
     ("ForImageClassification", tasknames.IMAGE_CLASSIFICATION),
+    ("ForObjectDetection", tasknames.OBJECT_DETECTION),
     ("ForMaskedLM", "fill-mask"),
     ("ForTokenClassification", "token-classification"),
     ("ForQuestionAnswering", "question-answering"),
@@ -298,10 +300,16 @@ class TorchReference:
 
     def __init__(self, model_dir: Path, task: str) -> None:
         import torch
-        from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
+        from transformers import (
+            AutoModel,
+            AutoModelForImageClassification,
+            AutoModelForObjectDetection,
+            AutoModelForSequenceClassification,
+        )
 
         cls = {"text-classification": AutoModelForSequenceClassification,
-               tasknames.IMAGE_CLASSIFICATION: AutoModelForImageClassification}.get(task, AutoModel)
+               tasknames.IMAGE_CLASSIFICATION: AutoModelForImageClassification,
+               tasknames.OBJECT_DETECTION: AutoModelForObjectDetection}.get(task, AutoModel)
         with quiet_libraries():
             self.model = cls.from_pretrained(str(model_dir), local_files_only=True, torch_dtype=torch.float32)
         self.model.eval()
@@ -309,10 +317,13 @@ class TorchReference:
         self._torch = torch
 
     def __call__(self, batch: Batch) -> np.ndarray:
+        return self.outputs(batch, [self.output_name])[0]
+
+    def outputs(self, batch: Batch, names: list[str]) -> list[np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
             out = self.model(**{k: torch.from_numpy(v) for k, v in batch.items()})
-        return out[self.output_name].float().numpy()
+        return [out[n].float().numpy() for n in names]
 
 
 @dataclass

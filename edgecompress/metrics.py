@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from edgecompress.tasknames import DECODER_TASK, IMAGE_CLASSIFICATION
+from edgecompress.tasknames import DECODER_TASK, IMAGE_CLASSIFICATION, OBJECT_DETECTION
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ METRICS: dict[str, Metric] = {
                "share of labelled images whose arg-max class is the label"),
         Metric("top1_accuracy_reference", True, "", (IMAGE_CLASSIFICATION,),
                "the reference's top-1 accuracy on the same labelled images"),
+        Metric("map50", True, "", (OBJECT_DETECTION,),
+               "mAP at IoU 0.5 of the candidate's detections, taking the reference's detections as ground truth"),
+        Metric("box_iou_mean", True, "", (OBJECT_DETECTION,),
+               "mean IoU of each reference detection with the candidate's box for the same query"),
         # decoders (causal LMs): judged on the evaluation text's tokens, next-token prediction
         Metric("perplexity_ratio", False, "", (DECODER_TASK,),
                "perplexity on the evaluation text / the reference's perplexity on the same tokens"),
@@ -55,6 +59,7 @@ PRIMARY_METRIC: dict[str, str] = {
     "feature-extraction": "cosine_mean",
     "text-classification": "top1_agreement",
     IMAGE_CLASSIFICATION: "top1_agreement",
+    OBJECT_DETECTION: "map50",
     "onnx": "cosine_mean",
     DECODER_TASK: "perplexity_ratio",
 }
@@ -64,6 +69,7 @@ PRIMARY_METRIC: dict[str, str] = {
 RANGE: dict[str, tuple[float, float]] = {
     "cosine_mean": (-1.0, 1.0), "cosine_p1": (-1.0, 1.0), "cosine_min": (-1.0, 1.0),
     "top1_agreement": (0.0, 1.0), "next_token_top1": (0.0, 1.0), "top5_agreement": (0.0, 1.0),
-    "top1_accuracy": (0.0, 1.0), "top1_accuracy_reference": (0.0, 1.0),
+    "top1_accuracy": (0.0, 1.0), "top1_accuracy_reference": (0.0, 1.0), "map50": (0.0, 1.0),
+    "box_iou_mean": (0.0, 1.0),
     "kl_mean": (0.0, float("inf")), "perplexity_ratio": (0.0, float("inf")), "perplexity": (1.0, float("inf")),
 }

@@ -23,7 +23,7 @@ def _num(x: object) -> str:
 def _counted(m: Manifest) -> str:
     """What fidelity and the export check count: a decoder is judged per predicted token, an encoder per text."""
     task = m.fidelity.get("task", m.source.get("task"))
-    return "tokens" if task == DECODER_TASK else "images" if MODALITY.get(task) == "image" else "texts"
+    return "tokens" if task == DECODER_TASK else "images" if MODALITY.get(str(task)) == "image" else "texts"
 
 
 def pareto_axis(metric: str) -> tuple[str, Any]:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 DECODER_TASK = "text-generation-with-past"  # causal LMs, exported with a KV cache
 ONNX_TASK = "onnx"  # an .onnx file given as MODEL: no export
-# models that read images (vision.py: classification)
+# models that read images (vision.py: classification, detection)
 IMAGE_CLASSIFICATION = "image-classification"
 OBJECT_DETECTION = "object-detection"
-VISION_TASKS = (IMAGE_CLASSIFICATION,)
+VISION_TASKS = (IMAGE_CLASSIFICATION, OBJECT_DETECTION)
 # one forward pass per batch, judged on its outputs (text encoders and image models alike)
 ENCODER_TASKS = ("feature-extraction", "text-classification", ONNX_TASK, *VISION_TASKS)
 DECODER_TASKS = (DECODER_TASK,)

@@ -242,6 +242,10 @@ def make_task(info: ModelInfo, inputs: TextInputs) -> TaskAdapter:
         from edgecompress.vision import ImageClassificationTask
 
         return ImageClassificationTask(info, inputs)
+    if info.task == "object-detection":
+        from edgecompress.vision import ObjectDetectionTask
+
+        return ObjectDetectionTask(info, inputs)
     if info.task == export.ONNX_TASK:
         return OnnxFileTask(info, inputs.export_dir / "model.onnx")
     if info.task in export.DECODER_TASKS:

@@ -179,3 +179,37 @@ def test_vit_without_processor_says_so(tiny_vit: Path, tmp_path: Path) -> None:
     (bare / "preprocessor_config.json").unlink()
     code, output = _build(str(bare), "--target", "host", "--out", str(tmp_path / "o"))
     assert code == 2 and "preprocessor_config.json" in output
+
+
+# --- object detection -----------------------------------------------------------------------------------------------
+def test_map50_scores_detections_against_the_reference() -> None:
+    from edgecompress.vision import detections, map50
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 10, 6))
+    boxes = rng.uniform(0.2, 0.8, (4, 10, 4)) * [1, 1, 0.3, 0.3]
+    ref = detections(logits, boxes)
+    assert map50(ref, ref) == pytest.approx(1.0)
+    assert map50(ref, detections(logits, boxes + np.array([0.5, 0, 0, 0]))) == 0.0  # every box moved off its match
+    noisy = map50(ref, detections(logits + rng.standard_normal(logits.shape), boxes))
+    assert 0.0 < noisy < 1.0
+
+
+@pytest.mark.slow
+def test_tiny_yolos_builds_with_map_against_fp32(tmp_path: Path) -> None:
+    import torch
+    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
+
+    torch.manual_seed(0)
+    src = tmp_path / "yolos-dir"
+    YolosForObjectDetection(YolosConfig(image_size=[32, 32], patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64, num_detection_tokens=10,
+                                        num_labels=5)).eval().save_pretrained(src)
+    YolosImageProcessor(size={"height": 32, "width": 32}, do_pad=False).save_pretrained(src)
+    out = tmp_path / "yolos-pi5"
+    code, output = _build(str(src), "--target", "raspberry-pi-5", "--out", str(out))
+    assert code in (0, 3), output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["source"]["task"] == "object-detection"
+    metrics = m["fidelity"]["metrics"]
+    assert 0.0 <= metrics["map50"] <= 1.0 and metrics["box_iou_mean"] > 0.5
