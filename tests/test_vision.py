@@ -143,7 +143,11 @@ def test_tiny_vit_builds_on_every_target(tiny_vit: Path, tmp_path: Path, target:
 
 
 @pytest.mark.slow
-def test_mobilenet_int8_runs_conv_in_int8_and_int4_is_refused(tiny_mobilenet: Path, tmp_path: Path) -> None:
+def test_mobilenet_int8_runs_conv_in_int8_and_int4_is_refused(tiny_mobilenet: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd = tmp_path / "cwd"  # ORT's quantization tools must not leave files in the user's working directory
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     imgs = tmp_path / "imgs"
     _images(imgs, 10)
     listing = tmp_path / "eval.txt"
@@ -157,6 +161,7 @@ def test_mobilenet_int8_runs_conv_in_int8_and_int4_is_refused(tiny_mobilenet: Pa
     assert rep["preset"]["family"] == "conv" and rep["optimized_graph"]["int8_kernels"].get("QLinearConv", 0) > 0
     assert m["kernels"]["by_op"].get("QLinearConv", {}).get("nodes", 0) > 0  # modelled for the Pi's Arm ORT
     assert "top1_accuracy" in m["fidelity"]["metrics"]  # labels from the list file
+    assert list(cwd.iterdir()) == []
     refused = tmp_path / "int4"
     code, output = _build(str(tiny_mobilenet), "--target", "raspberry-pi-5", "--recipe", "int4",
                           "--out", str(refused))

@@ -214,7 +214,9 @@ def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
         src, out = Path(tmp) / "model.onnx", Path(tmp) / "pre.onnx"
         onnx.save(model, str(src))
         try:
-            quant_pre_process(str(src), str(out))
+            # skip_symbolic_shape: on a failure ORT's symbolic shape inference writes sym_shape_infer_temp.onnx into
+            # the working directory (the user's); ONNX's own shape inference is enough for what the optimizer folds
+            quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PassError(f"ONNX Runtime's quantization pre-processing failed: {first}") from e
