@@ -65,13 +65,27 @@ def _symbolic_shape_inference() -> Any:
     return module.SymbolicShapeInference
 
 
+def _infer_symbolic(m: onnx.ModelProto) -> onnx.ModelProto:
+    """SymbolicShapeInference.infer_shapes without its failure path, which saves sym_shape_infer_temp.onnx (and an
+    external-data file) into the working directory, the user's (seen on MobileNetV2): the same steps, then raise."""
+    sym = _symbolic_shape_inference()(2**31 - 1, True, True, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    sym._preprocess(m)
+    complete = False
+    while sym.run_:
+        complete = sym._infer_impl()
+    sym._update_output_from_vi()
+    if not complete:
+        raise RuntimeError("incomplete symbolic shape inference")
+    return sym.out_mp_  # type: ignore[no-any-return]
+
+
 def concrete_shapes(model: onnx.ModelProto, dims: dict[str, int]) -> tuple[dict[str, tuple[int, ...] | None],
                                                                              dict[str, int]]:
     """(value name -> shape, value name -> elem type) with the symbolic input dims set to numbers."""
     m = with_concrete_inputs(model, dims)
     inferred: onnx.ModelProto | None = None
     try:
-        inferred = _symbolic_shape_inference().infer_shapes(m, auto_merge=True, guess_output_rank=True)
+        inferred = _infer_symbolic(m)
     except Exception as e:  # it raises on graphs it does not know; ONNX's inference is the fallback
         log.debug("symbolic shape inference failed (%s); using onnx.shape_inference", e)
     if inferred is None:
