@@ -22,8 +22,7 @@ import onnx
 from edgecompress import budget, export, genai, steps
 from edgecompress.bundle import StagedDir, check_out_dir, hash_bundle_files
 from edgecompress.bundle_files import bundle_section, copy_bundle_files
-from edgecompress.cache import Cache, digest, hash_texts
-from edgecompress.calibration import TextSet, builtin_texts, load_texts
+from edgecompress.cache import Cache, digest
 from edgecompress.errors import BuildInterrupted, ModelError
 from edgecompress.inputs import check_build_options, check_fidelity_limit
 from edgecompress.layers import layer_table
@@ -37,7 +36,7 @@ from edgecompress.progress import NullProgress, Progress
 from edgecompress.recipes import Recipe, RecipeOptions, default_recipe, make_recipe
 from edgecompress.report import render_html, render_markdown
 from edgecompress.targets import Target, load_target
-from edgecompress.tasks import TextInputs, make_task, validate_workload
+from edgecompress.tasks import DataSet, TaskInputs, make_task, task_facts, validate_workload
 from edgecompress.versions import cache_versions, library_versions
 
 log = logging.getLogger(__name__)
@@ -104,8 +103,8 @@ class _Plan:
     info: ModelInfo
     target: Target
     recipe: Recipe
-    eval_texts: TextSet
-    calibration_texts: TextSet
+    eval_texts: DataSet  # the task's data (TextSet for text models), from its `data` loader
+    calibration_texts: DataSet
     out: Path
     package: str | None = None
 
@@ -128,9 +127,9 @@ def plan(opts: BuildOptions) -> _Plan:
     for ps in recipe.passes:  # what the search would leave out; an explicit build still runs it
         if (why := type(ps).requires(target, info)) is not None:
             log.warning("%s cannot help on %s: %s", ps.name, target.name, why)
-    eval_texts = load_texts(opts.eval, opts.text_column) if opts.eval else builtin_texts("evaluation")
-    calib_texts = (load_texts(opts.calibration, opts.text_column) if opts.calibration
-                   else builtin_texts("calibration"))
+    data = task_facts(info.task).data  # the family's loader: texts for text models
+    eval_texts = data(Path(opts.eval) if opts.eval else None, opts.text_column, "evaluation")
+    calib_texts = data(Path(opts.calibration) if opts.calibration else None, opts.text_column, "calibration")
     out = Path(opts.out) if opts.out else Path("build") / f"{model_name}-{target.name}"
     check_out_dir(out, opts.force, protect=(model_dir,))
     package = package_for(opts.package, target, info.task)
@@ -150,7 +149,7 @@ def build_key(p: _Plan, opts: BuildOptions, recipe: dict[str, Any] | None = None
     """Everything that determines a bundle: a sweep skips a job whose bundle already carries this key."""
     return digest({"source": steps.source_fingerprint(p.model_dir), "task": p.info.task,
                    "target": asdict(p.target), "recipe": recipe or p.recipe.describe(),
-                   "eval": hash_texts(p.eval_texts.texts), "calibration": hash_texts(p.calibration_texts.texts),
+                   "eval": p.eval_texts.fingerprint(), "calibration": p.calibration_texts.fingerprint(),
                    "runs": opts.runs, "seed": opts.seed, "versions": cache_versions(),
                    **({"package": p.package} if p.package else {})})
 
@@ -184,9 +183,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     timings["export"] = time.perf_counter() - t0
 
     fp32 = load_model(exp.onnx_path)
-    task = make_task(info, TextInputs(model_dir=p.model_dir, export_dir=exp.onnx_path.parent,
-                                      input_names=[i.name for i in fp32.graph.input], eval_texts=p.eval_texts,
-                                      calibration_texts=p.calibration_texts, eval_batch_size=opts.eval_batch_size))
+    task = make_task(info, TaskInputs(model_dir=p.model_dir, export_dir=exp.onnx_path.parent,
+                                      input_names=[i.name for i in fp32.graph.input], eval_data=p.eval_texts,
+                                      calibration_data=p.calibration_texts, eval_batch_size=opts.eval_batch_size))
     t0 = time.perf_counter()
     check, _ = steps.run_reference(cache, task, exported, work / "reference", progress)
     timings["reference"] = time.perf_counter() - t0

@@ -231,9 +231,9 @@ def build_auto(opts: Any, progress: Progress | None = None, *, max_candidates: i
         with StagedDir(base.out, opts.force) as stage:
             exported = steps.run_export(cache, base.model_dir, info, stage.path / "_work" / "export", progress)
             fp32 = onnx.load(str(exported.result.onnx_path))
-            from edgecompress.tasks import TextInputs, make_task
+            from edgecompress.tasks import TaskInputs, make_task
 
-            dims = make_task(info, TextInputs(base.model_dir, exported.result.onnx_path.parent,
+            dims = make_task(info, TaskInputs(base.model_dir, exported.result.onnx_path.parent,
                                               [i.name for i in fp32.graph.input], base.eval_texts,
                                               base.calibration_texts)).profile_dims(target)
             todo, rejected = [], []
