@@ -7,7 +7,9 @@ the manifest plus the figures the budgets are checked against, each with its sou
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,11 +18,15 @@ import onnx
 
 from edgecompress.budget import BudgetRow, Figure
 from edgecompress.model import artifact_size_bytes
+from edgecompress.profiling.workload import DECODER, FORWARD, Workload, recorded_budget_section
 from edgecompress.progress import NullProgress, Progress
 from edgecompress.targets import Target
 
 if TYPE_CHECKING:
+    from edgecompress.profiling.cost import NodeCost
     from edgecompress.profiling.ssh import DeviceOptions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,20 +44,22 @@ class ProfileOptions:
     # --emulate (profiling/emulate.py) adds its field here and its branch in profile_artifact
 
 
-def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, dims: dict[str, int], *,
+def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, workload: Workload, *,
                      vocab_size: int | None, runs: int = 30, progress: Progress | None = None,
                      threads: int | None = None, options: ProfileOptions | None = None,
                      ) -> tuple[dict[str, Any], dict[str, Figure]]:
-    """threads: intra-op threads for a measurement on this host (default: the target's).
+    """workload: what the task adapter asks for (its kind and dims). threads: intra-op threads for a measurement
+    on this host (default: the target's).
 
     options (from `edgecompress profile`) overrides runs and threads."""
     from edgecompress.profiling.estimate import estimate
 
     opts = options or ProfileOptions(runs=runs, threads=threads)
     progress = progress or NullProgress()
-    from edgecompress.profiling.decoder import is_decoder_workload, profile_decoder
+    dims = workload.dims
+    if workload.kind == DECODER:  # a causal LM: prefill + token-by-token decode
+        from edgecompress.profiling.decoder import profile_decoder
 
-    if is_decoder_workload(dims):  # a causal LM (tasks.DecoderTask): prefill + token-by-token decode
         measure = opts.device is None and bool(target.host or opts.emulate_cores)
         where = (f" on {opts.device.url.name}" if opts.device is not None else " on this host" if measure
                  else ", estimated")
@@ -77,6 +85,46 @@ def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, d
         figures["peak_ram"] = Figure(est.peak_ram_mb, "MB", "estimated", "roofline memory model")
         figures["latency_p90"] = Figure(est.latency_ms, "ms", "estimated", "roofline")
     return profile, figures
+
+
+def estimated_latency_ms(model: onnx.ModelProto, model_bytes: float, target: Target, workload: Workload) -> float:
+    """The estimate's latency figure for the workload: one forward pass, or one decode step for a decoder."""
+    if workload.kind == DECODER:
+        from edgecompress.profiling.decoder import estimate_decoder
+
+        return float(estimate_decoder(model, model_bytes, target, workload.dims)["decode_step_ms"])
+    from edgecompress.profiling.estimate import estimate
+
+    return estimate(model, target, workload.dims).latency_ms
+
+
+@dataclass(frozen=True)
+class WeightsPrediction:
+    """--recipe auto's figures before building, from the weights' bytes alone (search.predict)."""
+
+    resident_mb: float
+    latency_ms: float | None
+    decode_tok_s: float | None = None  # a decoder workload: bandwidth-bound decode, compute-bound prefill
+    ttft_ms: float | None = None
+
+
+def predict_from_weights(workload: Workload, target: Target, *, resident_bytes: float, params: float,
+                         forward_costs: Callable[[], list[NodeCost]]) -> WeightsPrediction:
+    """resident_bytes: the weights once loaded; params: their count; forward_costs: the graph's per-node costs as
+    the candidate would run them (only a forward workload reads them: a roofline over them)."""
+    if workload.kind == DECODER:  # memory includes the KV cache, latency is one decode step
+        from edgecompress.profiling.decoder import estimate_decoder_from
+
+        est = estimate_decoder_from(resident_bytes, params, target, workload.dims)
+        return WeightsPrediction(est["peak_ram_mb"], est["decode_step_ms"], est["decode_tok_s"], est["ttft_ms"])
+    latency = None
+    try:
+        from edgecompress.profiling.estimate import roofline_ms
+
+        latency, _ = roofline_ms(forward_costs(), target)
+    except Exception as e:  # the prediction is an optimisation; building still measures
+        log.debug("no latency prediction: %s", e)
+    return WeightsPrediction(resident_bytes / 2**20 + target.estimate.runtime_baseline_mb, latency)
 
 
 def _measure_here(model_path: Path, target: Target, dims: dict[str, int], vocab_size: int | None,
@@ -283,7 +331,7 @@ def profile_bundle(bundle: Path, target: str | Path, options: ProfileOptions | N
     from edgecompress import budget
     from edgecompress.errors import BundleError
     from edgecompress.metrics import METRICS
-    from edgecompress.profiling.decoder import DECODER_TASK, bundle_decoder_dims
+    from edgecompress.profiling.decoder import bundle_decoder_dims
     from edgecompress.targets import load_target
 
     tgt = load_target(target)
@@ -295,12 +343,13 @@ def profile_bundle(bundle: Path, target: str | Path, options: ProfileOptions | N
     vocab = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         vocab = int(json.loads((model_path.parent / "config.json").read_text(encoding="utf-8"))["vocab_size"])
-    # a decoder is profiled as one (prefill, decode tok/s, KV cache) and held to the target's decoder budgets
+    # a decoder is profiled as one (prefill, decode tok/s, KV cache); the bundle is held to the budget section its
+    # build recorded (its task's fact: a decoder's [budgets.decoder])
     dec_dims = bundle_decoder_dims(model, model_path.parent, manifest, tgt)
-    if dec_dims is not None:
-        tgt = tgt.for_task(DECODER_TASK)
-    dims = dec_dims if dec_dims is not None else bundle_dims(model, model_path.parent, tgt)
-    profile, figures = profile_artifact(model, model_path, tgt, dims, vocab_size=vocab, progress=progress,
+    tgt = tgt.for_budget_section(recorded_budget_section(manifest, decoder=dec_dims is not None))
+    workload = (Workload(DECODER, dec_dims) if dec_dims is not None
+                else Workload(FORWARD, bundle_dims(model, model_path.parent, tgt)))
+    profile, figures = profile_artifact(model, model_path, tgt, workload, vocab_size=vocab, progress=progress,
                                         options=options or ProfileOptions())
     for name, value in (manifest.get("fidelity") or {}).get("metrics", {}).items():
         if name in METRICS and isinstance(value, (int, float)):

@@ -17,21 +17,16 @@ import onnx
 
 from edgecompress.budget import Figure
 from edgecompress.model import artifact_size_bytes
+from edgecompress.profiling.workload import DECODER, recorded_kind
 from edgecompress.targets import Target
-from edgecompress.tasknames import DECODER_TASK
 
 if TYPE_CHECKING:
     from edgecompress.profiling.ssh import DeviceOptions
 
 
-def is_decoder_workload(dims: dict[str, int]) -> bool:
-    """tasks.DecoderTask.profile_dims marks its workload with these keys."""
-    return "new_tokens" in dims and "kv_bytes_per_token" in dims
-
-
 def decoder_dims(target: Target, kv_bytes_per_token: int) -> dict[str, int]:
-    """The target's decoder workload, keyed as tasks.DecoderTask.profile_dims keys it (and so the runner and the
-    estimate read it): the prompt prefilled with an empty cache, then new_tokens decoded one at a time."""
+    """The target's decoder workload, keyed as the decoder task adapter's profile_dims keys it (and so the runner
+    and the estimate read it): the prompt prefilled with an empty cache, then new_tokens decoded one at a time."""
     wl = target.workload
     prompt = min(wl.prompt_length, wl.context_length)
     return {"batch_size": 1, "sequence_length": prompt, "past_sequence_length": 0,
@@ -44,15 +39,16 @@ def bundle_decoder_dims(model: onnx.ModelProto, bundle: Path, manifest: dict[str
                         ) -> dict[str, int] | None:
     """A decoder bundle's workload on `target`, or None when the bundle is not a decoder's.
 
-    A decoder is what the build said (manifest source.task) or a graph fed its own KV cache (past_key_values.*
-    inputs). The KV bytes per token come from config.json's shape and the cache inputs' element type."""
+    A decoder is what the build profiled as one (manifest profile.kind) or a graph fed its own KV cache
+    (past_key_values.* inputs). The KV bytes per token come from config.json's shape and the cache inputs' element
+    type."""
     import json
 
     from edgecompress.errors import BundleError, ConfigError
     from edgecompress.llm import decoder_shape
 
     past = [i for i in model.graph.input if i.name.startswith("past_key_values")]
-    if (manifest.get("source") or {}).get("task") != DECODER_TASK and not past:
+    if recorded_kind(manifest) != DECODER and not past:
         return None
     try:
         config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
@@ -141,7 +137,7 @@ def profile_decoder(model: onnx.ModelProto, model_path: Path, target: Target, di
     the estimate alone. The estimate is always in the profile, next to any measurement."""
     size = artifact_size_bytes(model_path)
     kv_ctx = dims["kv_bytes_per_token"] * dims["context_length"]
-    profile: dict[str, Any] = {"workload": dict(dims), "kind": "decoder",
+    profile: dict[str, Any] = {"workload": dict(dims), "kind": DECODER,
                                "kv_cache": {"bytes_per_token": dims["kv_bytes_per_token"],
                                             "context_length": dims["context_length"],
                                             "mb_at_context": kv_ctx / 1e6}}

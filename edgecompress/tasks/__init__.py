@@ -17,6 +17,7 @@ from edgecompress.tasks.base import (
     task_facts,
     text_data,
     validate_workload,
+    workload_for,
 )
 from edgecompress.tasks.decoder import (
     DecoderSession,
@@ -31,4 +32,4 @@ from edgecompress.tasks.text import EncoderTask, _counting
 __all__ = ["DataSet", "DecoderSession", "DecoderTask", "EncoderTask", "OnnxFileTask", "TaskAdapter", "TaskFacts",
            "TaskInputs", "TextInputs", "_counting", "_flat_unit", "_log_softmax_nll", "decoder_calibration_texts",
            "decoder_eval_texts", "make_task", "register_task", "registered_tasks", "task_facts", "text_data",
-           "validate_workload"]
+           "validate_workload", "workload_for"]

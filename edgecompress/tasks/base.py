@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from edgecompress.passes.base import Batch, ModelInfo
+from edgecompress.profiling.workload import FORWARD, Workload
 from edgecompress.targets import Target
 
 if TYPE_CHECKING:
@@ -134,26 +135,30 @@ class TaskFacts:
     budget_section: str | None = None
     # how the profiler runs it: "forward" (one forward pass per batch) or "decoder" (prompt prefill, then
     # token-by-token decode through the KV cache; memory includes the cache at the context length)
-    workload: str = "forward"
+    workload: str = FORWARD  # profiling.workload.KINDS
     # loads --eval/--calibration (or the built-in set) for this family
     data: DataLoader = text_data
     # structural passes keep a pruned matmul's K a multiple of the recipe's 4-bit block (decoder kernels need it)
     aligns_to_weight_block: bool = False
     # the target's [runtime] package (ORT Mobile) applies by default; False: only when asked with --package
     default_package: bool = True
+    # ORT GenAI applies (genai/): its model builder is the export's fast path where it covers the model, and the
+    # bundle is made GenAI-ready (genai_config.json); the manifest's export section says which path was taken
+    genai: bool = False
 
 
 _REGISTRY: dict[str, TaskFacts] = {}
 
 
-def register_task(*tasks: str, units: str = "texts", budget_section: str | None = None, workload: str = "forward",
+def register_task(*tasks: str, units: str = "texts", budget_section: str | None = None, workload: str = FORWARD,
                   data: DataLoader = text_data, aligns_to_weight_block: bool = False,
-                  default_package: bool = True) -> Callable[[type[T]], type[T]]:
+                  default_package: bool = True, genai: bool = False) -> Callable[[type[T]], type[T]]:
     """Class decorator: `@register_task("image-classification", units="images", data=image_data)`."""
 
     def deco(cls: type[T]) -> type[T]:
         facts = TaskFacts(tuple(tasks), cls, units=units, budget_section=budget_section, workload=workload,
-                          data=data, aligns_to_weight_block=aligns_to_weight_block, default_package=default_package)
+                          data=data, aligns_to_weight_block=aligns_to_weight_block, default_package=default_package,
+                          genai=genai)
         for task in tasks:
             old = _REGISTRY.get(task)
             if old is not None and (old.adapter.__module__, old.adapter.__qualname__) != (cls.__module__,
@@ -193,6 +198,11 @@ def make_task(info: ModelInfo, inputs: TaskInputs) -> TaskAdapter:
     """The adapter for info.task, built on the pipeline's inputs."""
     adapter: TaskAdapter = task_facts(info.task).adapter(info, inputs)
     return adapter
+
+
+def workload_for(task: TaskAdapter, target: Target) -> Workload:
+    """What the profiler runs for this adapter on `target`: its `workload` fact and its profile dims."""
+    return Workload(task_facts(task.info.task).workload, task.profile_dims(target))
 
 
 def validate_workload(info: ModelInfo, target: Target) -> None:

@@ -13,6 +13,8 @@ from edgecompress.cache import digest, hash_texts
 from edgecompress.calibration import TextSet, builtin_texts
 from edgecompress.evaluate import Fidelity
 from edgecompress.passes.base import Batch, ModelInfo
+from edgecompress.profiling.decoder import decoder_dims
+from edgecompress.profiling.workload import DECODER
 from edgecompress.progress import Progress
 from edgecompress.targets import Target
 from edgecompress.tasknames import DECODER_TASK
@@ -72,8 +74,8 @@ def decoder_calibration_texts(texts: TextSet) -> TextSet:
     return builtin_texts("passages_calibration") if texts.source == "builtin:calibration" else texts
 
 
-@register_task(DECODER_TASK, units="tokens", budget_section="decoder", workload="decoder",
-               aligns_to_weight_block=True, default_package=False)
+@register_task(DECODER_TASK, units="tokens", budget_section="decoder", workload=DECODER,
+               aligns_to_weight_block=True, default_package=False, genai=True)
 class DecoderTask:
     """Causal LMs: perplexity and next-token top-1 agreement on the evaluation text, judged against PyTorch FP32.
 
@@ -198,12 +200,8 @@ class DecoderTask:
                                f"reference perplexity {ref_ppl:.4f}"])
 
     def profile_dims(self, target: Target) -> dict[str, int]:
-        wl = target.workload
-        prompt = min(wl.prompt_length, wl.context_length)
-        return {"batch_size": 1, "sequence_length": prompt, "past_sequence_length": 0,
-                "past_sequence_length + sequence_length": prompt, "prompt_length": prompt,
-                "new_tokens": wl.new_tokens, "context_length": wl.context_length,
-                "kv_bytes_per_token": self.shape.kv_bytes_per_token(4)}
+        """The prompt prefilled with an empty cache, then new_tokens decoded one at a time (float32 KV cache)."""
+        return decoder_dims(target, self.shape.kv_bytes_per_token(4))
 
     @classmethod
     def check_target(cls, info: ModelInfo, target: Target) -> None:
