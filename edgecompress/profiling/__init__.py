@@ -25,6 +25,7 @@ from edgecompress.targets import Target
 if TYPE_CHECKING:
     from edgecompress.profiling.cost import NodeCost
     from edgecompress.profiling.ssh import DeviceOptions
+    from edgecompress.profiling.transport import RunnerTransport
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,27 @@ class ProfileOptions:
     op_profile_runs: int = 5  # runs of a second, ORT-profiled session for the per-op table; 0: none
     min_seconds: float = 1.0
     device: DeviceOptions | None = None  # ssh lab device (profiling/ssh.py)
-    # --emulate (profiling/emulate.py) adds its field here and its branch in profile_artifact
+    # measure through this RunnerTransport instead (tests: a fake launcher); wins over device and this host
+    transport: RunnerTransport | None = None
+
+
+def measuring_transport(target: Target, opts: ProfileOptions) -> RunnerTransport | None:
+    """The one decision of where a measurement runs: the given transport, else a lab device over ssh, else this
+    host for a host target or with --emulate-cores (pinned, capped at the target's usable RAM where it can be);
+    None: nothing is measured, the figures are estimated. (--emulate is numerics only: profiling/emulate.py.)"""
+    if opts.transport is not None:
+        return opts.transport
+    if opts.device is not None:
+        from edgecompress.profiling.ssh import SshTransport
+
+        return SshTransport(opts.device)
+    if target.host or opts.emulate_cores:
+        from edgecompress.profiling.local import LocalTransport
+
+        # pin only when asked: a sweep runs several jobs at once, each already given its share of threads
+        return LocalTransport(cores=opts.emulate_cores,
+                              memory_mb=float(target.hardware.usable_ram_mb) if opts.memory_cap else None)
+    return None
 
 
 def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, workload: Workload, *,
@@ -57,16 +78,15 @@ def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, w
     opts = options or ProfileOptions(runs=runs, threads=threads)
     progress = progress or NullProgress()
     dims = workload.dims
+    transport = measuring_transport(target, opts)
+    where = (f" on {opts.device.url.name}" if opts.device is not None and transport is not None
+             and transport.on_device else "" if transport is None else " on this host")
     if workload.kind == DECODER:  # a causal LM: prefill + token-by-token decode
         from edgecompress.profiling.decoder import profile_decoder
 
-        measure = opts.device is None and bool(target.host or opts.emulate_cores)
-        where = (f" on {opts.device.url.name}" if opts.device is not None else " on this host" if measure
-                 else ", estimated")
-        with progress.step(f"profile decoder (prefill, decode){where}"):
+        with progress.step(f"profile decoder (prefill, decode){where or ', estimated'}"):
             return profile_decoder(model, model_path, target, dims, vocab_size=vocab_size, threads=opts.threads,
-                                   cores=opts.emulate_cores, measure=measure, device=opts.device,
-                                   memory_cap_mb=float(target.hardware.usable_ram_mb) if opts.memory_cap else None)
+                                   transport=transport)
     profile: dict[str, Any] = {"workload": dict(dims)}
     figures = {"size": Figure(artifact_size_bytes(model_path) / 1e6, "MB", "measured",
                               "model file plus external data")}
@@ -74,13 +94,9 @@ def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, w
         est = estimate(model, target, dims)
     profile["estimate"] = {"source": "estimated", "method": est.method, "latency_ms": est.latency_ms,
                            "peak_ram_mb": est.peak_ram_mb, **est.details}
-    if opts.device is not None:
-        with progress.step(f"profile on {opts.device.url.name} ({opts.runs} runs)"):
-            _measure_on_device(model_path, target, dims, vocab_size, opts, profile, figures)
-    # elif opts.emulate: ... (profiling/emulate.py)
-    elif target.host or opts.emulate_cores:
-        with progress.step(f"profile on this host ({opts.runs} runs)"):
-            _measure_here(model_path, target, dims, vocab_size, opts, profile, figures)
+    if transport is not None:
+        with progress.step(f"profile{where} ({opts.runs} runs)"):
+            _measure(model_path, target, dims, vocab_size, opts, transport, profile, figures)
     else:
         figures["peak_ram"] = Figure(est.peak_ram_mb, "MB", "estimated", "roofline memory model")
         figures["latency_p90"] = Figure(est.latency_ms, "ms", "estimated", "roofline")
@@ -127,49 +143,48 @@ def predict_from_weights(workload: Workload, target: Target, *, resident_bytes: 
     return WeightsPrediction(resident_bytes / 2**20 + target.estimate.runtime_baseline_mb, latency)
 
 
-def _measure_here(model_path: Path, target: Target, dims: dict[str, int], vocab_size: int | None,
-                  opts: ProfileOptions, profile: dict[str, Any], figures: dict[str, Figure]) -> None:
-    from edgecompress.profiling.local import OutOfMemory, profile_local
-    from edgecompress.profiling.transport import figure_source, record_out_of_memory
-
-    section, source = figure_source(target, on_device=False)
-    # pin only when asked: a sweep runs several jobs at once, each already given its share of threads
-    cores = opts.emulate_cores
-    cap = float(target.hardware.usable_ram_mb) if opts.memory_cap else None
-    try:
-        hp = profile_local(model_path, dims=dims, vocab_size=vocab_size,
-                           threads=opts.threads or target.runtime.threads, runs=opts.runs,
-                           min_seconds=opts.min_seconds, cores=cores, memory_cap_mb=cap,
-                           op_profile_runs=opts.op_profile_runs)
-    except OutOfMemory as e:
-        record_out_of_memory(profile, figures, section, source, e.cap_mb)
-        return
-    profile[section] = {**hp.section(source), "machine": platform.machine()}
-    where = "VmHWM of the runner process" + ("" if target.host else f" on this host pinned to {cores} cores")
-    figures["peak_ram"] = Figure(hp.peak_rss_mb, "MB", source, where)
-    figures["latency_p90"] = Figure(hp.latency_ms.p90, "ms", source, "p90, single stream (MLPerf)")
-    figures["load_time"] = Figure(hp.load_ms, "ms", source, "session creation")
-
-
-def _measure_on_device(model_path: Path, target: Target, dims: dict[str, int], vocab_size: int | None,
-                       opts: ProfileOptions, profile: dict[str, Any], figures: dict[str, Figure]) -> None:
+def _measure(model_path: Path, target: Target, dims: dict[str, int], vocab_size: int | None,
+             opts: ProfileOptions, transport: RunnerTransport, profile: dict[str, Any],
+             figures: dict[str, Figure]) -> None:
+    """One forward-pass workload measured through the transport: latency p90, peak RAM, load time."""
     from edgecompress.profiling.local import HostProfile, input_specs, runner_spec
-    from edgecompress.profiling.ssh import profile_on_device
+    from edgecompress.profiling.transport import OutOfMemory, figure_source, model_files, record_out_of_memory
 
-    assert opts.device is not None
+    section, source = figure_source(target, on_device=transport.on_device)
     threads = opts.threads or target.runtime.threads
-    spec = runner_spec(model_path.name, input_specs(model_path, dims, vocab_size), threads=threads, runs=opts.runs,
-                       min_seconds=opts.min_seconds, max_seconds=max(1.0, opts.device.run_timeout_s * 0.8),
+    cores = None if transport.on_device else opts.emulate_cores
+    if cores:  # pinned to the target's cores: no more threads than cores
+        threads = min(threads, cores) if threads else cores
+    device = opts.device if transport.on_device else None
+    # on a device the run must end well within its run timeout; here, the runner's own 300 s ceiling
+    max_seconds = max(1.0, device.run_timeout_s * 0.8) if device else 300.0
+    spec = runner_spec(model_path.name if device else str(model_path), input_specs(model_path, dims, vocab_size),
+                       threads=threads, runs=opts.runs, min_seconds=opts.min_seconds, max_seconds=max_seconds,
                        op_profile_runs=opts.op_profile_runs)
-    run = profile_on_device(model_path, spec, opts.device)
+    try:
+        run = transport.run(model_files(model_path) if transport.on_device else [model_path], spec)
+    except OutOfMemory as e:
+        record_out_of_memory(profile, figures, section, source, e, target)
+        return
+    if not transport.on_device:
+        limits = dict(run.limits)
+        limits["threads"] = threads
+        hp = HostProfile.from_result(run.result, dims, limits)
+        profile[section] = {**hp.section(source), "machine": platform.machine()}
+        where = "VmHWM of the runner process" + ("" if target.host else f" on this host pinned to {cores} cores")
+        figures["peak_ram"] = Figure(hp.peak_rss_mb, "MB", source, where)
+        figures["latency_p90"] = Figure(hp.latency_ms.p90, "ms", source, "p90, single stream (MLPerf)")
+        figures["load_time"] = Figure(hp.load_ms, "ms", source, "session creation")
+        return
     hp = HostProfile.from_result(run.result, dims, {"threads": threads, "warnings": run.warnings})
-    profile["device"] = {**hp.section("measured"), "device": run.device, "url": str(opts.device.url),
-                         "remote_python": run.remote_python, "python": run.result.get("python"),
-                         "remote_dir_removed": run.removed}
-    on = f"on {run.device}"
-    figures["peak_ram"] = Figure(hp.peak_rss_mb, "MB", "measured", f"VmHWM of the runner {on}")
-    figures["latency_p90"] = Figure(hp.latency_ms.p90, "ms", "measured", f"p90, single stream (MLPerf), {on}")
-    figures["load_time"] = Figure(hp.load_ms, "ms", "measured", f"session creation {on}")
+    dev = run.device
+    profile[section] = {**hp.section(source), "device": dev.get("device"), "url": dev.get("url"),
+                        "remote_python": dev.get("remote_python"), "python": run.result.get("python"),
+                        "remote_dir_removed": dev.get("remote_dir_removed")}
+    on = f"on {dev.get('device')}"
+    figures["peak_ram"] = Figure(hp.peak_rss_mb, "MB", source, f"VmHWM of the runner {on}")
+    figures["latency_p90"] = Figure(hp.latency_ms.p90, "ms", source, f"p90, single stream (MLPerf), {on}")
+    figures["load_time"] = Figure(hp.load_ms, "ms", source, f"session creation {on}")
 
 
 # --- `edgecompress profile`: an existing bundle ------------------------------------------------------------------

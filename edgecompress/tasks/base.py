@@ -4,7 +4,7 @@ A model family (feature extraction, classification, causal LMs, an .onnx file as
 adapter module in this package: a class with the `TaskAdapter` methods, decorated with `@register_task(...)`,
 whose class-level facts (`TaskFacts`) tell the pipeline, search, report, targets and profiler what differs for it.
 `make_task` imports every module of the package, so a new adapter file is found without being listed anywhere.
-See ARCHITECTURE.md and docs in tasks-interface notes for the full contract.
+ARCHITECTURE.md ("Where a new thing goes") says what else a new family touches today.
 
 Layering: tasks sit above export, evaluate, calibration, passes.base and targets, and below pipeline/search/api.
 Passes and profiling never import tasks: they receive what an adapter produced (calibration batches, profile dims
