@@ -52,7 +52,7 @@ def _ort_anchor(fp32: Path, calibration: Path, out: Path) -> None:
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
     from edgecompress import export
-    from edgecompress.vision import decode_image
+    from edgecompress.tasks.vision import decode_image
 
     proc = export.load_image_processor(fp32.parent)
     files = [Path(line) for line in calibration.read_text().split()]
@@ -76,7 +76,7 @@ def _fidelity_of(path: Path, fp32: Path, evaluation: Path) -> dict[str, Any]:
     from edgecompress import export
     from edgecompress.evaluate import OnnxRunner
     from edgecompress.media import load_media
-    from edgecompress.vision import classification_metrics, decode_image, resolve_labels
+    from edgecompress.tasks.vision import classification_metrics, decode_image, resolve_labels
     from edgecompress.zoo import imagenet_id2label
 
     proc = export.load_image_processor(fp32.parent)

@@ -36,7 +36,7 @@ SUPPORTED_TASKS: dict[str, str] = {
     "text-classification": "logits",
     tasknames.DECODER_TASK: "logits",
     tasknames.IMAGE_CLASSIFICATION: "logits",
-    tasknames.OBJECT_DETECTION: "logits",  # and pred_boxes (DETR/YOLOS): vision.ObjectDetectionTask reads both
+    tasknames.OBJECT_DETECTION: "logits",  # and pred_boxes (DETR/YOLOS): tasks/detection.py reads both
 }
 # Causal LMs exported with their KV cache as inputs/outputs (past_key_values.N.key/value, present.N.key/value).
 DECODER_TASKS = tasknames.DECODER_TASKS

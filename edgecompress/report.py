@@ -11,7 +11,8 @@ import html
 from typing import Any
 
 from edgecompress.manifest import Manifest
-from edgecompress.tasknames import DECODER_TASK, MODALITY
+from edgecompress.profiling.workload import DECODER, recorded_kind
+from edgecompress.tasknames import MODALITY
 
 
 def _num(x: object) -> str:
@@ -21,9 +22,13 @@ def _num(x: object) -> str:
 
 
 def _counted(m: Manifest) -> str:
-    """What fidelity and the export check count: a decoder is judged per predicted token, an encoder per text."""
-    task = m.fidelity.get("task", m.source.get("task"))
-    return "tokens" if task == DECODER_TASK else "images" if MODALITY.get(str(task)) == "image" else "texts"
+    """What fidelity and the export check count, as the build recorded it (the task adapter's `units` fact: a
+    decoder is judged per predicted token, an encoder per text); bundles built before it was recorded: tokens for
+    a decoder workload, else texts."""
+    counted = m.fidelity.get("counted")
+    if isinstance(counted, str):
+        return counted
+    return "tokens" if recorded_kind({"profile": m.profile}) == DECODER else "texts"
 
 
 def pareto_axis(metric: str) -> tuple[str, Any]:
@@ -204,7 +209,7 @@ def load_snippets(m: Manifest) -> list[tuple[str, str]]:
                     f'pixels = proc(images=[image], return_tensors="np")["pixel_values"]\n'
                     f'logits = sess.run(None, {{sess.get_inputs()[0].name: pixels.astype(np.float32)}})[0]\n'
                     f'print(logits.argmax(-1))  # config.json id2label names the classes'))
-    elif task == DECODER_TASK:
+    elif recorded_kind({"profile": m.profile}) == DECODER:  # a causal LM
         out.append(("optimum + the chat template in the bundle",
                     f'from optimum.onnxruntime import ORTModelForCausalLM\n'
                     f'from transformers import AutoTokenizer\n'
@@ -606,7 +611,7 @@ def _fidelity_html(m: Manifest) -> list[str]:
 
 
 def _examples_html(examples: list[dict[str, Any]]) -> list[str]:
-    """Image models: a few evaluation images with the reference's and the compressed model's top-1 (vision.py)."""
+    """Image models: a few evaluation images with the reference's and the compressed model's top-1 (tasks/vision.py)."""
     if not examples:
         return []
     rows = []

@@ -1,18 +1,19 @@
 """Task names, defined once. Layering: imports nothing (targets, passes, profiling and report all read these).
 
-A new model family adds its task name here and its adapter in tasks.py.
+A new model family adds its task name here and its adapter as one module of edgecompress/tasks/ (tasks/base.py).
 """
 
 from __future__ import annotations
 
 DECODER_TASK = "text-generation-with-past"  # causal LMs, exported with a KV cache
 ONNX_TASK = "onnx"  # an .onnx file given as MODEL: no export
-# models that read images (vision.py: classification, detection)
+# models that read images (tasks/vision.py: classification; tasks/detection.py)
 IMAGE_CLASSIFICATION = "image-classification"
 OBJECT_DETECTION = "object-detection"
 VISION_TASKS = (IMAGE_CLASSIFICATION, OBJECT_DETECTION)
+TEXT_ENCODER_TASKS = ("feature-extraction", "text-classification")  # one forward pass, a tokenizer
 # one forward pass per batch, judged on its outputs (text encoders and image models alike)
-ENCODER_TASKS = ("feature-extraction", "text-classification", ONNX_TASK, *VISION_TASKS)
+ENCODER_TASKS = (*TEXT_ENCODER_TASKS, ONNX_TASK, *VISION_TASKS)
 DECODER_TASKS = (DECODER_TASK,)
 # what a task's calibration/evaluation data are (media.load_data); a task not listed reads text
 MODALITY: dict[str, str] = {IMAGE_CLASSIFICATION: "image", OBJECT_DETECTION: "image"}

@@ -188,7 +188,7 @@ def test_vit_without_processor_says_so(tiny_vit: Path, tmp_path: Path) -> None:
 
 # --- object detection -----------------------------------------------------------------------------------------------
 def test_map50_scores_detections_against_the_reference() -> None:
-    from edgecompress.vision import detections, map50
+    from edgecompress.tasks.detection import detections, map50
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((4, 10, 6))

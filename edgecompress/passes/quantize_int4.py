@@ -29,6 +29,7 @@ from edgecompress.passes.base import (
     PassContext,
     PassResult,
     Skip,
+    TaskTraits,
     WeightBytes,
     matmul_only,
     register,
@@ -99,7 +100,7 @@ class Int4WeightOnly(Pass[Int4Config]):
         return matmul_only(info)
 
     @classmethod
-    def configure(cls, values: Mapping[str, Any], task: str | None) -> Int4Config:
+    def configure(cls, values: Mapping[str, Any], task: TaskTraits) -> Int4Config:
         d = Int4Config()
         method = values.get("int4_method", d.method)
         # calibration only matters to GPTQ: keep it out of the others' cache keys

@@ -50,6 +50,7 @@ from edgecompress.passes.base import (
     PassContext,
     PassResult,
     Skip,
+    TaskTraits,
     matmul_only,
     register,
     skips,
@@ -133,9 +134,9 @@ class StructuredPrune(Pass[PruneConfig]):
         return matmul_only(info)
 
     @classmethod
-    def configure(cls, values: Mapping[str, Any], task: str | None) -> PruneConfig:
+    def configure(cls, values: Mapping[str, Any], task: TaskTraits) -> PruneConfig:
         cfg = super().configure(values, task)
-        if task == DECODER_TASK:  # a pruned down_proj keeps K a multiple of the decoder kernels' block
+        if task.aligns_to_weight_block:  # a pruned down_proj keeps K a multiple of the decoder kernels' block
             cfg = replace(cfg, keep_multiple=values.get("block_size", BLOCK_SIZE.default))
         return cfg
 
