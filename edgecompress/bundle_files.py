@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
             "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model",
             "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
-            "genai_config.json")  # the last: ORT GenAI's runtime config (decoder fast path, edgecompress/genai)
+            "genai_config.json",  # ORT GenAI's runtime config (decoder fast path, edgecompress/genai)
+            "preprocessor_config.json")  # the feature extractor / image processor (speech, vision)
 # sentence-transformers' own files at the model's root
 ST_ROOT_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 _ST_TRANSFORMER = "sentence_transformers.models.Transformer"

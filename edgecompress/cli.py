@@ -273,7 +273,7 @@ def _print_verdict(manifest: Any) -> None:
                                 manifest.budgets))
     if manifest.search:
         _print_search(console, manifest.search)
-    console.print(f"bundle: {manifest.bundle_dir}  model.onnx {manifest.artifact.size_mb:.2f} MB  sha256 "
+    console.print(f"bundle: {manifest.bundle_dir}  {manifest.artifact.file} {manifest.artifact.size_mb:.2f} MB  sha256 "
                   f"{manifest.artifact.sha256[:16]}…")
     if mob := (manifest.bundle or {}).get("ort_mobile"):
         console.print(f"ORT Mobile: {mob['file']} {mob['size_bytes'] / 1e6:.2f} MB, operator config "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from edgecompress.tasknames import DECODER_TASK
+from edgecompress.tasknames import DECODER_TASK, SPEECH_TASK
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,14 @@ METRICS: dict[str, Metric] = {
                "perplexity (exp of mean next-token NLL) on the evaluation text"),
         Metric("next_token_top1", True, "", (DECODER_TASK,),
                "share of positions whose arg-max next token matches the reference's"),
+        # speech recognition: greedy transcripts of the evaluation clips (speech.py)
+        Metric("wer", False, "", (SPEECH_TASK,),
+               "word error rate of the transcripts against the FP32 model's transcripts"),
+        Metric("wer_reference", False, "", (SPEECH_TASK,),
+               "word error rate against the reference transcripts given with the clips"),
+        Metric("token_top1", True, "", (SPEECH_TASK,),
+               "share of decoding steps (CTC frames; Whisper steps along FP32's transcript) whose arg-max token "
+               "matches FP32's"),
     )
 }
 
@@ -50,12 +58,14 @@ PRIMARY_METRIC: dict[str, str] = {
     "text-classification": "top1_agreement",
     "onnx": "cosine_mean",
     DECODER_TASK: "perplexity_ratio",
+    SPEECH_TASK: "wer",
 }
 
 # The values a metric can take (inclusive), so a floor or ceiling outside them is refused as a typo: a cosine floor
 # of 1.5 or a top-1 floor of 99 (a percentage) can never be met, a KL ceiling below 0 never either.
 RANGE: dict[str, tuple[float, float]] = {
     "cosine_mean": (-1.0, 1.0), "cosine_p1": (-1.0, 1.0), "cosine_min": (-1.0, 1.0),
-    "top1_agreement": (0.0, 1.0), "next_token_top1": (0.0, 1.0),
+    "top1_agreement": (0.0, 1.0), "next_token_top1": (0.0, 1.0), "token_top1": (0.0, 1.0),
+    "wer": (0.0, float("inf")), "wer_reference": (0.0, float("inf")),
     "kl_mean": (0.0, float("inf")), "perplexity_ratio": (0.0, float("inf")), "perplexity": (1.0, float("inf")),
 }

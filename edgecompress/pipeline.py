@@ -20,6 +20,7 @@ from typing import Any
 import onnx
 
 from edgecompress import budget, export, genai, steps
+from edgecompress.audio import builtin_audio, load_audio_data
 from edgecompress.bundle import StagedDir, check_out_dir, hash_bundle_files
 from edgecompress.bundle_files import bundle_section, copy_bundle_files
 from edgecompress.cache import Cache, digest, hash_texts
@@ -37,6 +38,7 @@ from edgecompress.progress import NullProgress, Progress
 from edgecompress.recipes import Recipe, RecipeOptions, default_recipe, make_recipe
 from edgecompress.report import render_html, render_markdown
 from edgecompress.targets import Target, load_target
+from edgecompress.tasknames import MODALITY
 from edgecompress.tasks import TextInputs, make_task, validate_workload
 from edgecompress.versions import cache_versions, library_versions
 
@@ -128,9 +130,13 @@ def plan(opts: BuildOptions) -> _Plan:
     for ps in recipe.passes:  # what the search would leave out; an explicit build still runs it
         if (why := type(ps).requires(target, info)) is not None:
             log.warning("%s cannot help on %s: %s", ps.name, target.name, why)
-    eval_texts = load_texts(opts.eval, opts.text_column) if opts.eval else builtin_texts("evaluation")
-    calib_texts = (load_texts(opts.calibration, opts.text_column) if opts.calibration
-                   else builtin_texts("calibration"))
+    if MODALITY.get(info.task) == "audio":  # speech: clips, not texts (audio.py)
+        eval_texts: Any = load_audio_data(opts.eval) if opts.eval else builtin_audio("evaluation")
+        calib_texts: Any = load_audio_data(opts.calibration) if opts.calibration else builtin_audio("calibration")
+    else:
+        eval_texts = load_texts(opts.eval, opts.text_column) if opts.eval else builtin_texts("evaluation")
+        calib_texts = (load_texts(opts.calibration, opts.text_column) if opts.calibration
+                       else builtin_texts("calibration"))
     out = Path(opts.out) if opts.out else Path("build") / f"{model_name}-{target.name}"
     check_out_dir(out, opts.force, protect=(model_dir,))
     package = package_for(opts.package, target, info.task)
@@ -196,8 +202,10 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     model, pass_records, _ = steps.run_recipe(cache, p.recipe, fp32, exported.key, ctx, work / "passes", progress)
     timings["passes"] = sum(r["seconds"] for r in pass_records if not r["cached"])
 
-    model_path = stage / "model.onnx"
+    model_path = stage / exp.onnx_path.name  # model.onnx; a multi-file model's first component (Whisper's encoder)
     save_model(model, model_path)
+    # the recipe again on every further component (Whisper's decoders), each with its own calibration feeds
+    components = _run_components(cache, p, task, ctx, exported, stage, work, progress)
     # config, tokenizer, chat template, generation config, the sentence-transformers pipeline (bundle_files.py)
     side_files = copy_bundle_files(exp.onnx_path.parent, p.model_dir if p.model_dir.is_dir() else None, stage)
 
@@ -211,16 +219,25 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
         kernels = inspect_kernels(model_path, stage / DIAGNOSTICS_DIR, target.runtime.providers,
                                   task.profile_dims(target), quantizing=p.recipe.quantizing, reference=model,
                                   target=target)
+        if components:
+            kernels["components"] = {
+                name: inspect_kernels(stage / f"{name}.onnx", stage / DIAGNOSTICS_DIR / name,
+                                      target.runtime.providers, task.component_dims(name, target),  # type: ignore
+                                      quantizing=p.recipe.quantizing, reference=c_model, target=target)
+                for name, (_, c_model, _) in components.items()}
     timings["kernels"] = time.perf_counter() - t0
 
     mobile: dict[str, Any] = {}
-    if p.package == "ort-mobile":  # model.ort, its operator config and provider coverage (mobile.py)
+    if p.package == "ort-mobile" and components:
+        task.warnings.append("no ORT Mobile package (model.ort) for a multi-file model: the bundle ships its "
+                             f"{1 + len(components)} .onnx files for ONNX Runtime (--package none silences this)")
+    elif p.package == "ort-mobile":  # model.ort, its operator config and provider coverage (mobile.py)
         from edgecompress.mobile import package_ort_mobile, sample_feed
 
         t0 = time.perf_counter()
         with progress.step("ORT Mobile package"):
-            mobile = package_ort_mobile(model_path, stage, target.hardware.arch, target.runtime.providers,
-                                        sample_feed(model, info.vocab_size))
+            feed = task.sample_feed() if hasattr(task, "sample_feed") else sample_feed(model, info.vocab_size)
+            mobile = package_ort_mobile(model_path, stage, target.hardware.arch, target.runtime.providers, feed)
         timings["package"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -231,9 +248,13 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     profile, figures = profile_artifact(model, model_path, target, task.profile_dims(target),
                                         vocab_size=info.vocab_size, runs=opts.runs, progress=progress,
                                         threads=opts.threads)
+    if components:  # one clip's figures, composed from every component's profile (speech.compose_clip)
+        profile, figures = _profile_components(task, (model, model_path, profile, figures), components, stage,
+                                               target, opts, progress)
     timings["profile"] = time.perf_counter() - t0
     profile["fp32_baseline"] = _fp32_baseline(fp32, exp.onnx_path, model is fp32, profile, target,
-                                              task.profile_dims(target))
+                                              task.profile_dims(target),
+                                              {n: fp for n, (fp, _, _) in components.items()}, task)
     for name, value in fidelity.metrics.items():
         figures[name] = budget.Figure(value, METRICS[name].unit, "measured-on-host")
     if mobile:  # the app ships model.ort, not model.onnx: that is the size to budget
@@ -250,7 +271,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
                 "weights_sha256": sha256_files(export.weight_files(p.model_dir), p.model_dir)},
         target=target.summary(),
         recipe={**p.recipe.describe(), "passes": pass_records,
-                "layers": layer_table(model, [r["report"] for r in pass_records])},
+                "layers": layer_table(model, [r["report"] for r in pass_records]),
+                **({"components": {exp.onnx_path.stem: pass_records,
+                                   **{n: recs for n, (_, _, recs) in components.items()}}} if components else {})},
         export={"task": info.task, "opset": exp.opset, "seconds": exp.seconds, "check": check.as_dict(),
                 "exporter": ("none (ONNX given)" if info.task == export.ONNX_TASK
                              else "onnxruntime_genai.models.builder" if exp.exporter == "genai"
@@ -262,7 +285,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
         fidelity=fidelity.as_dict(),
         profile=profile,
         budgets=rows,
-        artifact=Artifact(file="model.onnx", files=files, size_bytes=artifact_size_bytes(model_path),
+        artifact=Artifact(file=model_path.name, files=files,
+                          size_bytes=sum(artifact_size_bytes(stage / f"{n}.onnx")
+                                         for n in (model_path.stem, *components)),
                           sha256=sha256_file(model_path), hashes=hash_bundle_files(stage)),
         timings_s={k: round(v, 3) for k, v in timings.items()},
         warnings=task.warnings,
@@ -278,12 +303,52 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     return manifest
 
 
+def _run_components(cache: Cache, p: _Plan, task: Any, ctx: PassContext, exported: steps.ExportStep, stage: Path,
+                    work: Path, progress: Progress) -> dict[str, tuple[onnx.ModelProto, onnx.ModelProto, list[Any]]]:
+    """name -> (FP32, compressed, pass records) for each component after the first (none for one-file models)."""
+    out = {}
+    for name in getattr(task, "components", ())[1:]:
+        c_fp32 = load_model(exported.result.onnx_path.parent / f"{name}.onnx")
+        c_ctx = replace(ctx, calibration=lambda name=name: task.component_calibration(name),
+                        calibration_id=digest({"calibration": ctx.calibration_id, "component": name}))
+        with progress.step(f"recipe on {name}"):
+            c_model, records, _ = steps.run_recipe(cache, p.recipe, c_fp32,
+                                                   digest({"export": exported.key, "component": name}), c_ctx,
+                                                   work / "passes" / name, progress)
+        save_model(c_model, stage / f"{name}.onnx")
+        out[name] = (c_fp32, c_model, records)
+    return out
+
+
+def _profile_components(task: Any, first: tuple[onnx.ModelProto, Path, dict[str, Any], dict[str, Any]],
+                        components: dict[str, Any], stage: Path, target: Target, opts: BuildOptions,
+                        progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
+    from edgecompress.speech import compose_clip
+
+    _, path, profile, figures = first
+    parts = {path.stem: (profile, figures)}
+    for name, (_, c_model, _) in components.items():
+        parts[name] = profile_artifact(c_model, stage / f"{name}.onnx", target, task.component_dims(name, target),
+                                       vocab_size=None, runs=opts.runs, progress=progress, threads=opts.threads)
+    return compose_clip(parts, task.decode_steps(target))
+
+
 def _fp32_baseline(fp32: onnx.ModelProto, fp32_path: Path, same: bool, profile: dict[str, Any], target: Target,
-                   dims: dict[str, int]) -> dict[str, Any]:
+                   dims: dict[str, int], components: dict[str, onnx.ModelProto] | None = None,
+                   task: Any = None) -> dict[str, Any]:
     """The FP32 export's size and estimated latency, for report.html's recipe-vs-FP32 plot (fidelity is 1)."""
     from edgecompress.profiling.decoder import estimate_decoder, is_decoder_workload
     from edgecompress.profiling.estimate import estimate
 
+    if components:  # a multi-file model: every component's size, one clip's composed estimate
+        steps_ = task.decode_steps(target)
+        size = artifact_size_bytes(fp32_path) + sum(artifact_size_bytes(fp32_path.parent / f"{n}.onnx")
+                                                    for n in components)
+        latency = estimate(fp32, target, dims).latency_ms + sum(
+            (steps_ - 1 if n == "decoder_with_past_model" else 1) * estimate(m, target,
+                                                                             task.component_dims(n, target)).latency_ms
+            for n, m in components.items())
+        return {"size_mb": size / 1e6, "latency_ms": latency, "latency_source": "estimated", "fidelity": 1.0}
     if same:
         latency = profile["estimate"]["latency_ms"]
     elif is_decoder_workload(dims):  # like for like with the candidate's figure: one decode step, estimated

@@ -63,6 +63,8 @@ class Workload:
     prompt_length: int = 128
     new_tokens: int = 64
     context_length: int = 2048
+    # speech recognition: the clip a latency figure is for (seconds of 16 kHz audio; RTF = latency / this)
+    audio_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool, str]]] = {
         "prompt_length": ((int,), False, "a positive integer (decoder prompt tokens)"),
         "new_tokens": ((int,), False, "a positive integer (decoder tokens generated)"),
         "context_length": ((int,), False, "a positive integer (decoder context the KV cache is sized for)"),
+        "audio_seconds": (_Num, False, "a positive number (speech: seconds of audio per clip)"),
     },
     "budgets": {
         "max_size_mb": (_Num, True, "a positive number (MB)"),
@@ -184,6 +187,7 @@ _MAX: dict[str, float] = {
     "hardware.cores": 1024, "runtime.threads": 1024, "hardware.memory_mb": 16 * 2**20,
     "hardware.usable_ram_mb": 16 * 2**20, "workload.batch": 1024, "workload.sequence_length": 131_072,
     "workload.prompt_length": 131_072, "workload.new_tokens": 131_072, "workload.context_length": 1_048_576,
+    "workload.audio_seconds": 600,
 }
 MAX_TARGET_FILE_BYTES = 1 << 20
 
@@ -307,7 +311,8 @@ def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
         runtime=Runtime(providers=tuple(rt["providers"]), threads=rt["threads"],
                         package=None if rt.get("package", "none") == "none" else rt["package"]),
         workload=Workload(batch=wl["batch"], sequence_length=wl["sequence_length"],
-                          **{k: wl[k] for k in ("prompt_length", "new_tokens", "context_length") if k in wl}),
+                          **{k: wl[k] for k in ("prompt_length", "new_tokens", "context_length") if k in wl},
+                          **({"audio_seconds": float(wl["audio_seconds"])} if "audio_seconds" in wl else {})),
         budgets=Budgets(
             max_size_mb=float(bd["max_size_mb"]), max_peak_ram_mb=float(bd["max_peak_ram_mb"]),
             max_latency_p90_ms=float(bd["max_latency_p90_ms"]),

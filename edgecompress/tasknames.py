@@ -7,5 +7,9 @@ from __future__ import annotations
 
 DECODER_TASK = "text-generation-with-past"  # causal LMs, exported with a KV cache
 ONNX_TASK = "onnx"  # an .onnx file given as MODEL: no export
-ENCODER_TASKS = ("feature-extraction", "text-classification", ONNX_TASK)
+SPEECH_TASK = "automatic-speech-recognition"  # CTC models (wav2vec2) and Whisper (speech.py)
+# one forward pass (or, for Whisper, a recipe per component): the encoder recipes apply
+ENCODER_TASKS = ("feature-extraction", "text-classification", ONNX_TASK, SPEECH_TASK)
+# what a task's --calibration/--eval data is; absent: text
+MODALITY = {SPEECH_TASK: "audio"}
 DECODER_TASKS = (DECODER_TASK,)

@@ -21,6 +21,7 @@ from edgecompress.evaluate import Fidelity, OnnxRunner, compare, per_text_summar
 from edgecompress.passes.base import Batch, ModelInfo
 from edgecompress.progress import Progress
 from edgecompress.targets import Target
+from edgecompress.tasknames import SPEECH_TASK
 
 
 class TaskAdapter(Protocol):
@@ -238,6 +239,11 @@ def _flat_unit(out: np.ndarray) -> np.ndarray:
 
 
 def make_task(info: ModelInfo, inputs: TextInputs) -> TaskAdapter:
+    if info.task == SPEECH_TASK:  # eval/calibration are audio sets here (audio.py)
+        from edgecompress.speech import make_speech_task
+
+        return make_speech_task(info, inputs.model_dir, inputs.export_dir, inputs.eval_texts,  # type: ignore[arg-type]
+                                inputs.calibration_texts)  # type: ignore[arg-type]
     if info.task == export.ONNX_TASK:
         return OnnxFileTask(info, inputs.export_dir / "model.onnx")
     if info.task in export.DECODER_TASKS:
