@@ -44,6 +44,8 @@ METRICS: dict[str, Metric] = {
         # speech recognition: greedy transcripts of the evaluation clips (speech.py)
         Metric("wer", False, "", (SPEECH_TASK,),
                "word error rate of the transcripts against the FP32 model's transcripts"),
+        Metric("cer", False, "", (SPEECH_TASK,),
+               "character error rate against the FP32 model's transcripts (finer than WER on short or odd text)"),
         Metric("wer_reference", False, "", (SPEECH_TASK,),
                "word error rate against the reference transcripts given with the clips"),
         Metric("token_top1", True, "", (SPEECH_TASK,),
@@ -66,6 +68,6 @@ PRIMARY_METRIC: dict[str, str] = {
 RANGE: dict[str, tuple[float, float]] = {
     "cosine_mean": (-1.0, 1.0), "cosine_p1": (-1.0, 1.0), "cosine_min": (-1.0, 1.0),
     "top1_agreement": (0.0, 1.0), "next_token_top1": (0.0, 1.0), "token_top1": (0.0, 1.0),
-    "wer": (0.0, float("inf")), "wer_reference": (0.0, float("inf")),
+    "wer": (0.0, float("inf")), "cer": (0.0, float("inf")), "wer_reference": (0.0, float("inf")),
     "kl_mean": (0.0, float("inf")), "perplexity_ratio": (0.0, float("inf")), "perplexity": (1.0, float("inf")),
 }

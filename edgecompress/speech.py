@@ -40,24 +40,29 @@ WHISPER_COMPONENTS = ("encoder_model", "decoder_model", "decoder_with_past_model
 # English speech runs at about 2.5-3 words/s, ~1.3 BPE tokens per word: ~4 tokens per second of audio. Used only to
 # turn the target's audio_seconds into a number of decoder steps for a clip's latency.
 TOKENS_PER_SECOND = 4.0
+CALIBRATION_WINDOW_S = 2.0
 MAX_NEW_TOKENS = 48  # per clip at evaluation (greedy; stops earlier at end-of-text)
 EXAMPLES = 4  # transcripts shown in the report
 
 
-def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
-    """Corpus WER: (substitutions + deletions + insertions) / reference words (jiwer). Clips whose reference is
-    empty count their hypothesis' words as insertions; with no reference word at all, 0 if nothing was inserted,
-    else 1."""
+def word_error_rate(references: list[str], hypotheses: list[str], chars: bool = False) -> float:
+    """Corpus WER (CER with `chars`): (substitutions + deletions + insertions) / reference words (characters), by
+    jiwer. Clips whose reference is empty count their hypothesis' words as insertions; with no reference word at all,
+    0 if nothing was inserted, else 1."""
     import jiwer
 
-    pairs = [(r.strip(), h.strip()) for r, h in zip(references, hypotheses, strict=True)]
-    inserted = sum(len(h.split()) for r, h in pairs if not r)
+    def n(t: str) -> int:
+        return len(t) if chars else len(t.split())
+
+    pairs = [(" ".join(r.split()), " ".join(h.split())) for r, h in zip(references, hypotheses, strict=True)]
+    inserted = sum(n(h) for r, h in pairs if not r)
     kept = [(r, h) for r, h in pairs if r]
-    words = sum(len(r.split()) for r, _ in kept)
-    if not words:
+    total = sum(n(r) for r, _ in kept)
+    if not total:
         return 0.0 if inserted == 0 else 1.0
-    out = jiwer.process_words([r for r, _ in kept], [h if h else "" for _, h in kept])
-    return float(out.substitutions + out.deletions + out.insertions + inserted) / words
+    refs, hyps = [r for r, _ in kept], [h for _, h in kept]
+    out = jiwer.process_characters(refs, hyps) if chars else jiwer.process_words(refs, hyps)
+    return float(out.substitutions + out.deletions + out.insertions + inserted) / total
 
 
 def _features(extractor: Any, clip: np.ndarray) -> dict[str, np.ndarray]:
@@ -105,6 +110,16 @@ class _SpeechBase:
     def _clips(self, s: AudioSet) -> list[np.ndarray]:
         return [audio.read_clip(f) for f in s.files]
 
+    def _calibration_windows(self) -> list[np.ndarray]:
+        """The calibration clips cut into CALIBRATION_WINDOW_S windows, one second apart: one shape for every
+        sample, and enough samples (the static calibrators want at least 8) from a handful of short clips."""
+        win = int(CALIBRATION_WINDOW_S * audio.SAMPLE_RATE)
+        out = []
+        for clip in self._clips(self.calibration_set):
+            padded = np.pad(clip, (0, max(0, win - len(clip))))
+            out += [padded[i:i + win] for i in range(0, len(padded) - win + 1, audio.SAMPLE_RATE)]
+        return out
+
     # cache of the reference
     def reference_id(self) -> dict[str, Any]:
         return {"task": self.info.task, "kind": type(self).__name__, "eval": self.eval_set.digest(),
@@ -125,7 +140,8 @@ class _SpeechBase:
 
     def _fidelity(self, texts: list[str], agree: float, steps: int, reference: str) -> Fidelity:
         assert self._ref_texts is not None
-        metrics = {"wer": word_error_rate(self._ref_texts, texts), "token_top1": agree}
+        metrics = {"wer": word_error_rate(self._ref_texts, texts),
+                   "cer": word_error_rate(self._ref_texts, texts, chars=True), "token_top1": agree}
         notes = [f"greedy decoding; {steps} decoding steps compared for token_top1"]
         labels = self.eval_set.labels
         if self.eval_set.has_references:
@@ -181,9 +197,8 @@ class CTCTask(_SpeechBase):
         return _checked(worst, len(clips), "logits", "PyTorch FP32 (transformers)")
 
     def calibration_batches(self) -> Iterator[Batch]:
-        # one clip a batch: clips differ in length and padding would calibrate on silence
-        for clip in self._clips(self.calibration_set):
-            yield self._feed(clip)
+        for window in self._calibration_windows():
+            yield self._feed(window)
 
     def component_calibration(self, component: str) -> Iterator[Batch]:
         return self.calibration_batches()
@@ -191,7 +206,7 @@ class CTCTask(_SpeechBase):
     def sample_feed(self) -> Batch:
         """The ORT Mobile check's feed (mobile.py): the first calibration clip (a few token ids would not do: the
         feature encoder's convolutions need hundreds of samples)."""
-        return self._feed(audio.read_clip(self.calibration_set.files[0]))
+        return self._feed(self._calibration_windows()[0])
 
     def fidelity(self, model_path: Path, progress: Progress) -> Fidelity:
         assert self._ref_tokens is not None
@@ -341,7 +356,7 @@ class WhisperTask(_SpeechBase):
     def component_calibration(self, component: str) -> Iterator[Batch]:
         """Feeds for one component from the calibration clips, the decoders' from FP32 runs of the export."""
         sessions = self._sessions(self.export_dir)
-        for clip in self._clips(self.calibration_set):
+        for clip in self._calibration_windows():
             feed, hidden = self._encode(sessions[0], clip)
             if component == "encoder_model":
                 yield feed
