@@ -8,10 +8,12 @@ renamed into place only at the end (bundle.StagedDir).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +27,7 @@ from edgecompress.bundle import StagedDir, check_out_dir, hash_bundle_files
 from edgecompress.bundle_files import bundle_section, copy_bundle_files
 from edgecompress.cache import Cache, digest, hash_texts
 from edgecompress.calibration import TextSet, builtin_texts, load_texts
-from edgecompress.errors import BuildInterrupted, ModelError
+from edgecompress.errors import BuildInterrupted, ModelError, PassError
 from edgecompress.inputs import check_build_options, check_fidelity_limit
 from edgecompress.layers import layer_table
 from edgecompress.manifest import Artifact, Manifest
@@ -199,7 +201,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
 
     ctx = PassContext(target=target, info=info, calibration=task.calibration_batches, seed=opts.seed, log=log.info,
                       calibration_id=task.calibration_id())
-    model, pass_records, _ = steps.run_recipe(cache, p.recipe, fp32, exported.key, ctx, work / "passes", progress)
+    with _component_errors(exp.onnx_path.stem if len(getattr(task, "components", ())) > 1 else None):
+        model, pass_records, _ = steps.run_recipe(cache, p.recipe, fp32, exported.key, ctx, work / "passes",
+                                                  progress)
     timings["passes"] = sum(r["seconds"] for r in pass_records if not r["cached"])
 
     model_path = stage / exp.onnx_path.name  # model.onnx; a multi-file model's first component (Whisper's encoder)
@@ -311,13 +315,24 @@ def _run_components(cache: Cache, p: _Plan, task: Any, ctx: PassContext, exporte
         c_fp32 = load_model(exported.result.onnx_path.parent / f"{name}.onnx")
         c_ctx = replace(ctx, calibration=lambda name=name: task.component_calibration(name),
                         calibration_id=digest({"calibration": ctx.calibration_id, "component": name}))
-        with progress.step(f"recipe on {name}"):
+        with progress.step(f"recipe on {name}"), _component_errors(name):
             c_model, records, _ = steps.run_recipe(cache, p.recipe, c_fp32,
                                                    digest({"export": exported.key, "component": name}), c_ctx,
                                                    work / "passes" / name, progress)
         save_model(c_model, stage / f"{name}.onnx")
         out[name] = (c_fp32, c_model, records)
     return out
+
+
+@contextlib.contextmanager
+def _component_errors(name: str | None) -> Iterator[None]:
+    """A pass that refuses one component of a multi-file model says which (the recipe is judged per component)."""
+    try:
+        yield
+    except PassError as e:
+        if name is None:
+            raise
+        raise PassError(f"{name}.onnx: {e.message}", hint=e.hint) from e
 
 
 def _profile_components(task: Any, first: tuple[onnx.ModelProto, Path, dict[str, Any], dict[str, Any]],
