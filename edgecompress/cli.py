@@ -169,9 +169,9 @@ def _recipe_options(flags: dict[str, Any]) -> Any:
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Bundle directory [default: "
               "build/<model>-<target>/].")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration texts: .txt, .jsonl, .csv or "
-              ".tsv [default: the built-in corpus].")
-@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Evaluation texts, same formats "
-              "[default: the built-in corpus].")
+              ".tsv; speech models: a directory of .wav/.flac clips or a list file [default: the built-in data].")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Evaluation texts, same formats; "
+              "speech: clips, a <clip>.txt beside one is its reference transcript [default: the built-in data].")
 @click.option("--text-column", help="Column (.csv/.tsv) or field (.jsonl) holding the text.")
 @click.option("--task", help="Task to export for (default: inferred from config.json), e.g. feature-extraction.")
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1),
