@@ -46,6 +46,8 @@ class AudioSet:
     def digest(self) -> str:
         return hashlib.sha256("\n".join(self.texts).encode()).hexdigest()
 
+    fingerprint = digest  # the task adapters' DataSet protocol name
+
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "count": len(self.files), "modality": self.modality,
                 "transcripts": sum(label is not None for label in self.labels)}
@@ -59,6 +61,15 @@ def builtin_audio(split: Split) -> AudioSet:
     """The clips shipped in the package (edgecompress/data/audio/<split>/, see its README: espeak-ng sentences)."""
     root = Path(str(resources.files("edgecompress") / "data" / "audio" / split))
     return _from_list(root / "transcripts.tsv", f"builtin:audio/{split}")
+
+
+def audio_data(path: Path | None, text_column: str | None = None, role: str = "evaluation") -> AudioSet:
+    """--eval/--calibration for a speech model (the adapter's data loader): the path's clips, or the built-in ones."""
+    if text_column is not None:
+        raise DataError("--text-column does not apply to audio data", hint="leave it out for a speech model")
+    if path is None:
+        return builtin_audio("calibration" if role == "calibration" else "evaluation")
+    return load_audio_data(path)
 
 
 def load_audio_data(path: Path) -> AudioSet:

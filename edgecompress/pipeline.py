@@ -9,6 +9,7 @@ renamed into place only at the end (bundle.StagedDir).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import platform
 import shutil
@@ -22,7 +23,7 @@ from typing import Any
 import onnx
 
 from edgecompress import budget, export, genai, steps
-from edgecompress.audio import builtin_audio, load_audio_data
+from edgecompress.audio import audio_data
 from edgecompress.bundle import StagedDir, check_out_dir, hash_bundle_files
 from edgecompress.bundle_files import bundle_section, copy_bundle_files
 from edgecompress.cache import Cache, digest, hash_texts
@@ -133,8 +134,8 @@ def plan(opts: BuildOptions) -> _Plan:
         if (why := type(ps).requires(target, info)) is not None:
             log.warning("%s cannot help on %s: %s", ps.name, target.name, why)
     if MODALITY.get(info.task) == "audio":  # speech: clips, not texts (audio.py)
-        eval_texts: Any = load_audio_data(opts.eval) if opts.eval else builtin_audio("evaluation")
-        calib_texts: Any = load_audio_data(opts.calibration) if opts.calibration else builtin_audio("calibration")
+        eval_texts: Any = audio_data(opts.eval, opts.text_column, "evaluation")
+        calib_texts: Any = audio_data(opts.calibration, opts.text_column, "calibration")
     else:
         eval_texts = load_texts(opts.eval, opts.text_column) if opts.eval else builtin_texts("evaluation")
         calib_texts = (load_texts(opts.calibration, opts.text_column) if opts.calibration
@@ -313,7 +314,7 @@ def _run_components(cache: Cache, p: _Plan, task: Any, ctx: PassContext, exporte
     out = {}
     for name in getattr(task, "components", ())[1:]:
         c_fp32 = load_model(exported.result.onnx_path.parent / f"{name}.onnx")
-        c_ctx = replace(ctx, calibration=lambda name=name: task.component_calibration(name),
+        c_ctx = replace(ctx, calibration=functools.partial(task.component_calibration, name),
                         calibration_id=digest({"calibration": ctx.calibration_id, "component": name}))
         with progress.step(f"recipe on {name}"), _component_errors(name):
             c_model, records, _ = steps.run_recipe(cache, p.recipe, c_fp32,

@@ -94,16 +94,16 @@ class _SpeechBase:
 
     components: tuple[str, ...] = ("model",)
 
-    def __init__(self, info: ModelInfo, model_dir: Path, export_dir: Path, eval_set: AudioSet,
-                 calibration_set: AudioSet) -> None:
+    def __init__(self, info: ModelInfo, inputs: Any) -> None:
+        """inputs: the pipeline's TaskInputs (model_dir, export_dir; eval_texts/calibration_texts are AudioSets)."""
         self.info = info
-        self.model_dir = model_dir
-        self.export_dir = export_dir
-        self.eval_set = eval_set
-        self.calibration_set = calibration_set
+        self.model_dir: Path = inputs.model_dir
+        self.export_dir: Path = inputs.export_dir
+        self.eval_set: AudioSet = inputs.eval_texts
+        self.calibration_set: AudioSet = inputs.calibration_texts
         self.warnings: list[str] = []
-        self.extractor = _load_preprocessor(export_dir)
-        self.tokenizer = export.load_tokenizer(export_dir)
+        self.extractor = _load_preprocessor(self.export_dir)
+        self.tokenizer = export.load_tokenizer(self.export_dir)
         self._ref_texts: list[str] | None = None
         self._ref_tokens: list[np.ndarray] | None = None
 
@@ -251,7 +251,8 @@ class WhisperTask(_SpeechBase):
 
     # decoding ---------------------------------------------------------------------------------------------
     def _sessions(self, directory: Path) -> tuple[Any, Any, Any]:
-        return tuple(_session(directory / f"{c}.onnx") for c in WHISPER_COMPONENTS)  # type: ignore[return-value]
+        enc, dec, past = (_session(directory / f"{c}.onnx") for c in WHISPER_COMPONENTS)
+        return enc, dec, past
 
     def _encode(self, enc: Any, clip: np.ndarray) -> tuple[Batch, np.ndarray]:
         feed = {"input_features": _features(self.extractor, clip)["input_features"].astype(np.float32)}
@@ -406,6 +407,11 @@ def _whisper_prompt(config: dict[str, Any], gen: dict[str, Any], tokenizer: Any)
     """<|startoftranscript|> [<|en|>] <|transcribe|> <|notimestamps|>: from generation_config where it says, else
     the tokenizer's special tokens (a model without them decodes from the start token alone)."""
     start = gen.get("decoder_start_token_id", config.get("decoder_start_token_id"))
+    if start is None:
+        from edgecompress.errors import ModelError
+
+        raise ModelError("the Whisper model's config has no decoder_start_token_id",
+                         hint="save its generation_config.json beside the model")
     prompt = [int(start)]
     forced = gen.get("forced_decoder_ids") or config.get("forced_decoder_ids")
     if forced:
@@ -433,10 +439,9 @@ def _checked(worst: float, n: int, output: str, reference: str, atol: float = 1e
     return check
 
 
-def make_speech_task(info: ModelInfo, model_dir: Path, export_dir: Path, eval_set: AudioSet,
-                     calibration_set: AudioSet) -> CTCTask | WhisperTask:
-    cls = WhisperTask if info.model_type == "whisper" else CTCTask
-    return cls(info, model_dir, export_dir, eval_set, calibration_set)
+def make_speech_task(info: ModelInfo, inputs: Any) -> CTCTask | WhisperTask:
+    cls = WhisperTask if info.model_type in export.SEQ2SEQ_SPEECH else CTCTask
+    return cls(info, inputs)
 
 
 def compose_clip(parts: dict[str, tuple[dict[str, Any], dict[str, Figure]]], steps: int

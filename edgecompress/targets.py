@@ -311,8 +311,8 @@ def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
         runtime=Runtime(providers=tuple(rt["providers"]), threads=rt["threads"],
                         package=None if rt.get("package", "none") == "none" else rt["package"]),
         workload=Workload(batch=wl["batch"], sequence_length=wl["sequence_length"],
-                          **{k: wl[k] for k in ("prompt_length", "new_tokens", "context_length") if k in wl},
-                          **({"audio_seconds": float(wl["audio_seconds"])} if "audio_seconds" in wl else {})),
+                          **{k: wl[k] for k in ("prompt_length", "new_tokens", "context_length", "audio_seconds")
+                             if k in wl}),
         budgets=Budgets(
             max_size_mb=float(bd["max_size_mb"]), max_peak_ram_mb=float(bd["max_peak_ram_mb"]),
             max_latency_p90_ms=float(bd["max_latency_p90_ms"]),

@@ -242,8 +242,7 @@ def make_task(info: ModelInfo, inputs: TextInputs) -> TaskAdapter:
     if info.task == SPEECH_TASK:  # eval/calibration are audio sets here (audio.py)
         from edgecompress.speech import make_speech_task
 
-        return make_speech_task(info, inputs.model_dir, inputs.export_dir, inputs.eval_texts,  # type: ignore[arg-type]
-                                inputs.calibration_texts)  # type: ignore[arg-type]
+        return make_speech_task(info, inputs)
     if info.task == export.ONNX_TASK:
         return OnnxFileTask(info, inputs.export_dir / "model.onnx")
     if info.task in export.DECODER_TASKS:

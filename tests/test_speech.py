@@ -18,6 +18,8 @@ from edgecompress.speech import word_error_rate
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = sorted(p.stem for p in (REPO / "targets").glob("*.toml"))
+# phone-arm64 is built by test_whisper_phone_build_every_component
+OTHER_TARGETS = [t for t in TARGETS if t != "phone-arm64"]
 
 
 def _wav2vec2(path: Path) -> Path:
@@ -174,7 +176,7 @@ def test_whisper_phone_build_every_component(tiny_whisper: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", OTHER_TARGETS)
 def test_whisper_builds_on_every_target(tiny_whisper: Path, tmp_path: Path, target: str) -> None:
     code, output = _build(tiny_whisper, target, tmp_path / "b", "--package", "none")
     assert code in (0, 3), output
