@@ -11,7 +11,7 @@ import html
 from typing import Any
 
 from edgecompress.manifest import Manifest
-from edgecompress.tasknames import DECODER_TASK, SPEECH_TASK
+from edgecompress.profiling.workload import DECODER, recorded_kind
 
 
 def _num(x: object) -> str:
@@ -21,9 +21,13 @@ def _num(x: object) -> str:
 
 
 def _counted(m: Manifest) -> str:
-    """What fidelity and the export check count: a decoder is judged per predicted token, an encoder per text."""
-    task = m.fidelity.get("task", m.source.get("task"))
-    return "tokens" if task == DECODER_TASK else "clips" if task == SPEECH_TASK else "texts"
+    """What fidelity and the export check count, as the build recorded it (the task adapter's `units` fact: a
+    decoder is judged per predicted token, an encoder per text); bundles built before it was recorded: tokens for
+    a decoder workload, else texts."""
+    counted = m.fidelity.get("counted")
+    if isinstance(counted, str):
+        return counted
+    return "tokens" if recorded_kind({"profile": m.profile}) == DECODER else "texts"
 
 
 def pareto_axis(metric: str) -> tuple[str, Any]:
@@ -92,10 +96,7 @@ def render_markdown(m: Manifest) -> str:
             "| metric | value |", "|---|---|"]
     out += [f"| {k} | {_num(v)} |" for k, v in fid["metrics"].items()]
     out += [f"- note: {n}" for n in fid.get("notes", [])]
-    if (per := fid.get("per_text") or {}).get("examples"):
-        out += ["", "Example transcripts (FP32 → compressed):", ""]
-        out += [f"- {x['clip']}: `{x['fp32']}` → `{x['compressed']}`" for x in per["examples"]]
-    if per.get("worst"):
+    if (per := fid.get("per_text") or {}).get("worst"):
         out += ["", f"Worst texts ({per['metric']}):", ""]
         out += [f"- {w[per['metric']]:.4f}: {w['text']}" for w in per["worst"]]
     exp = m.export
@@ -192,7 +193,7 @@ def load_snippets(m: Manifest) -> list[tuple[str, str]]:
     elif task == "text-classification":
         out.append(("optimum", f'from optimum.onnxruntime import ORTModelForSequenceClassification\n'
                                f'model = ORTModelForSequenceClassification.from_pretrained("{d}")'))
-    elif task == DECODER_TASK:
+    elif recorded_kind({"profile": m.profile}) == DECODER:  # a causal LM
         out.append(("optimum + the chat template in the bundle",
                     f'from optimum.onnxruntime import ORTModelForCausalLM\n'
                     f'from transformers import AutoTokenizer\n'
@@ -590,11 +591,4 @@ def _fidelity_html(m: Manifest) -> list[str]:
         out += ["<h3>Worst texts</h3>",
                 *_table(["text", metric], [[_e(w["text"]), f"{w[metric]:.4f}"] for w in per.get("worst", [])],
                         frozenset({1}), "worst-texts")]
-    if per.get("examples"):  # speech: a few clips' transcripts, FP32 beside the compressed model's
-        ex = per["examples"]
-        out += [f"<h3>Example transcripts</h3><p>{_e(per.get('identical', '?'))} of {_e(fid['texts'])} transcripts "
-                "identical to FP32's.</p>",
-                *_table(["clip", "FP32", "compressed", "reference"],
-                        [[_e(x["clip"]), _e(x["fp32"]), _e(x["compressed"]), _e(x.get("reference", ""))] for x in ex],
-                        table_id="transcripts")]
     return out
