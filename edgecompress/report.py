@@ -96,7 +96,10 @@ def render_markdown(m: Manifest) -> str:
             "| metric | value |", "|---|---|"]
     out += [f"| {k} | {_num(v)} |" for k, v in fid["metrics"].items()]
     out += [f"- note: {n}" for n in fid.get("notes", [])]
-    if (per := fid.get("per_text") or {}).get("worst"):
+    if (per := fid.get("per_text") or {}).get("examples"):
+        out += ["", "Example transcripts (FP32 → compressed):", ""]
+        out += [f"- {x['clip']}: `{x['fp32']}` → `{x['compressed']}`" for x in per["examples"]]
+    if per.get("worst"):
         out += ["", f"Worst texts ({per['metric']}):", ""]
         out += [f"- {w[per['metric']]:.4f}: {w['text']}" for w in per["worst"]]
     exp = m.export
@@ -591,4 +594,11 @@ def _fidelity_html(m: Manifest) -> list[str]:
         out += ["<h3>Worst texts</h3>",
                 *_table(["text", metric], [[_e(w["text"]), f"{w[metric]:.4f}"] for w in per.get("worst", [])],
                         frozenset({1}), "worst-texts")]
+    if per.get("examples"):  # speech: a few clips' transcripts, FP32 beside the compressed model's
+        ex = per["examples"]
+        out += [f"<h3>Example transcripts</h3><p>{_e(per.get('identical', '?'))} of {_e(fid['texts'])} transcripts "
+                "identical to FP32's.</p>",
+                *_table(["clip", "FP32", "compressed", "reference"],
+                        [[_e(x["clip"]), _e(x["fp32"]), _e(x["compressed"]), _e(x.get("reference", ""))] for x in ex],
+                        table_id="transcripts")]
     return out
