@@ -16,7 +16,7 @@ from edgecompress.tasks.base import TaskInputs, register_task
 
 @register_task(SPEECH_TASK, units="clips", data=audio_data)
 class SpeechRecognitionTask:
-    def __new__(cls, info: ModelInfo, inputs: TaskInputs) -> Any:  # type: ignore[misc]
+    def __new__(cls, info: ModelInfo, inputs: TaskInputs) -> Any:
         from edgecompress.speech import make_speech_task
 
         return make_speech_task(info, inputs)
