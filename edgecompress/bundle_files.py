@@ -25,7 +25,7 @@ HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_t
             "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model",
             "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
             "genai_config.json",  # ORT GenAI's runtime config (decoder fast path, edgecompress/genai)
-            "preprocessor_config.json")  # image processor / feature extractor (AutoImageProcessor reads it)
+            "preprocessor_config.json")  # the image processor / feature extractor (vision, speech)
 # sentence-transformers' own files at the model's root
 ST_ROOT_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 _ST_TRANSFORMER = "sentence_transformers.models.Transformer"

@@ -169,10 +169,11 @@ def _recipe_options(flags: dict[str, Any]) -> Any:
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Bundle directory [default: "
               "build/<model>-<target>/].")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Calibration texts: .txt, .jsonl, .csv or "
-              ".tsv; for an image model a directory of images or a .txt list of image paths (TAB label "
-              "optional) [default: the built-in corpus or images].")
-@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Evaluation texts or images, same "
-              "forms [default: the built-in corpus or images].")
+              ".tsv; image models: a directory of images or a .txt list of image paths (TAB label optional); "
+              "speech models: a directory of .wav/.flac clips or a list file [default: the built-in data].")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Evaluation texts, images or clips, "
+              "same forms; speech: a <clip>.txt beside a clip is its reference transcript [default: the built-in "
+              "data].")
 @click.option("--text-column", help="Column (.csv/.tsv) or field (.jsonl) holding the text.")
 @click.option("--task", help="Task to export for (default: inferred from config.json), e.g. feature-extraction.")
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1),
@@ -274,7 +275,7 @@ def _print_verdict(manifest: Any) -> None:
                                 manifest.budgets))
     if manifest.search:
         _print_search(console, manifest.search)
-    console.print(f"bundle: {manifest.bundle_dir}  model.onnx {manifest.artifact.size_mb:.2f} MB  sha256 "
+    console.print(f"bundle: {manifest.bundle_dir}  {manifest.artifact.file} {manifest.artifact.size_mb:.2f} MB  sha256 "
                   f"{manifest.artifact.sha256[:16]}…")
     if mob := (manifest.bundle or {}).get("ort_mobile"):
         console.print(f"ORT Mobile: {mob['file']} {mob['size_bytes'] / 1e6:.2f} MB, operator config "

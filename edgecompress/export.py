@@ -37,6 +37,7 @@ SUPPORTED_TASKS: dict[str, str] = {
     tasknames.DECODER_TASK: "logits",
     tasknames.IMAGE_CLASSIFICATION: "logits",
     tasknames.OBJECT_DETECTION: "logits",  # and pred_boxes (DETR/YOLOS): tasks/detection.py reads both
+    tasknames.SPEECH_TASK: "logits",  # CTC logits; Whisper's components are judged by the adapter (speech.py)
 }
 # Causal LMs exported with their KV cache as inputs/outputs (past_key_values.N.key/value, present.N.key/value).
 DECODER_TASKS = tasknames.DECODER_TASKS
@@ -44,6 +45,8 @@ DECODER_TASKS = tasknames.DECODER_TASKS
 ONNX_TASK = tasknames.ONNX_TASK
 # config.json "architectures" suffix -> task, for inference when --task is not given.
 _ARCH_SUFFIX_TASK = (
+    ("ForCTC", tasknames.SPEECH_TASK),
+    ("WhisperForConditionalGeneration", tasknames.SPEECH_TASK),
     ("ForSequenceClassification", "text-classification"),
     ("ForCausalLM", tasknames.DECODER_TASK),
     ("ForImageClassification", tasknames.IMAGE_CLASSIFICATION),
@@ -138,14 +141,16 @@ def inspect_model(model_dir: Path, task: str | None = None) -> ModelInfo:
     except KeyError:
         raise ModelError(f"architecture '{model_type}' is not supported by optimum's ONNX exporter",
                          hint="see optimum-onnx's list of supported architectures") from None
-    if task not in optimum_tasks:
+    if optimum_task(task, model_type) not in optimum_tasks:
         raise ModelError(f"optimum cannot export '{model_type}' for task '{task}'",
                          hint=f"tasks it supports for {model_type}: {', '.join(optimum_tasks)}")
-    if tasknames.MODALITY.get(task, "text") != "text":  # images/audio: the preprocessor instead of a tokenizer
-        if not (model_dir / PREPROCESSOR_FILE).is_file():
-            raise ModelError(f"{model_dir} has no {PREPROCESSOR_FILE} (the image processor or feature extractor)",
+    # images/audio: the preprocessor (image processor / feature extractor); speech also needs its tokenizer
+    needs_preprocessor = tasknames.MODALITY.get(task, "text") != "text" or task == tasknames.SPEECH_TASK
+    if needs_preprocessor and not (model_dir / PREPROCESSOR_FILE).is_file():
+        raise ModelError(f"{model_dir} has no {PREPROCESSOR_FILE} (the image processor or feature extractor)",
                              hint="save the processor beside the model: processor.save_pretrained(model_dir)")
-    elif not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+    if tasknames.MODALITY.get(task, "text") == "text" and not any(
+            (model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         raise ModelError(f"{model_dir} has no tokenizer files", hint="save the tokenizer beside the model")
     archs = config.get("architectures") or [model_type]
     fam = None
@@ -156,12 +161,21 @@ def inspect_model(model_dir: Path, task: str | None = None) -> ModelInfo:
         architecture=archs[0],
         task=task,
         vocab_size=config.get("vocab_size"),
-        hidden_size=config.get("hidden_size"),
-        num_attention_heads=config.get("num_attention_heads"),
-        intermediate_size=config.get("intermediate_size"),
+        hidden_size=config.get("hidden_size") or config.get("d_model"),
+        num_attention_heads=config.get("num_attention_heads") or config.get("encoder_attention_heads"),
+        intermediate_size=config.get("intermediate_size") or config.get("encoder_ffn_dim"),
         max_positions=config.get("max_position_embeddings") or config.get("n_positions"),
         family=fam,
     )
+
+
+def optimum_task(task: str, model_type: str) -> str:
+    """optimum's name for the export: Whisper is an encoder-decoder exported with its decoder's KV cache."""
+    return f"{task}-with-past" if task == tasknames.SPEECH_TASK and model_type in SEQ2SEQ_SPEECH else task
+
+
+# Encoder-decoder speech models: optimum writes encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx
+SEQ2SEQ_SPEECH = ("whisper",)
 
 
 def inspect_onnx_file(path: Path, task: str | None) -> ModelInfo:
@@ -224,18 +238,22 @@ def export_onnx(model_dir: Path, info: ModelInfo, out_dir: Path, opset: int | No
         return _copy_onnx(model_dir, out_dir, t0, info.task)
     from optimum.exporters.onnx import main_export
 
+    seq2seq = info.model_type in SEQ2SEQ_SPEECH
     try:
         with quiet_libraries():
-            main_export(str(model_dir), output=str(out_dir), task=info.task, library_name="transformers",
-                        opset=opset, do_validation=False, local_files_only=True)
+            # no_post_process: no merged decoder (its If node holds both decoders as subgraphs, which the passes
+            # do not walk); the three files are what ORTModelForSpeechSeq2Seq loads with use_merged=False
+            main_export(str(model_dir), output=str(out_dir), task=optimum_task(info.task, info.model_type),
+                        library_name="transformers", opset=opset, do_validation=False, local_files_only=True,
+                        no_post_process=seq2seq)
     except KeyboardInterrupt:
         raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"optimum could not export {model_dir}: {first}") from e
-    onnx_path = out_dir / "model.onnx"
+    onnx_path = out_dir / ("encoder_model.onnx" if seq2seq else "model.onnx")
     if not onnx_path.is_file():
-        raise ExportError(f"optimum wrote no model.onnx into {out_dir}")
+        raise ExportError(f"optimum wrote no {onnx_path.name} into {out_dir}")
     import onnx
 
     m = onnx.load(str(onnx_path), load_external_data=False)
@@ -443,3 +461,29 @@ def export_efficientnet_lite0(weights: Path, out: Path, opset: int = 17) -> None
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"could not export EfficientNet-Lite0 to ONNX: {first}") from e
+# --- speech recognition (speech.py) --------------------------------------------------------------------------
+class SpeechReference:
+    """A speech model in PyTorch FP32: CTC logits, or Whisper's encoder states and first decoder step."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCTC, AutoModelForSpeechSeq2Seq
+
+        with quiet_libraries():
+            config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+            cls = AutoModelForSpeechSeq2Seq if config.model_type in SEQ2SEQ_SPEECH else AutoModelForCTC
+            self.model = cls.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
+        self.model.eval()
+        self._torch = torch
+
+    def ctc_logits(self, input_values: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self.model(input_values=self._torch.from_numpy(input_values)).logits.float().numpy()
+
+    def whisper_first_step(self, input_features: np.ndarray, prompt: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(encoder last_hidden_state, the decoder's logits at the prompt's last position)."""
+        torch = self._torch
+        with torch.inference_mode():
+            enc = self.model.model.encoder(input_features=torch.from_numpy(input_features)).last_hidden_state
+            out = self.model(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([prompt]), use_cache=False)
+        return enc.float().numpy(), out.logits[0, -1].float().numpy()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from edgecompress.tasknames import DECODER_TASK, IMAGE_CLASSIFICATION, OBJECT_DETECTION
+from edgecompress.tasknames import DECODER_TASK, IMAGE_CLASSIFICATION, OBJECT_DETECTION, SPEECH_TASK
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,16 @@ METRICS: dict[str, Metric] = {
                "perplexity (exp of mean next-token NLL) on the evaluation text"),
         Metric("next_token_top1", True, "", (DECODER_TASK,),
                "share of positions whose arg-max next token matches the reference's"),
+        # speech recognition: greedy transcripts of the evaluation clips (speech.py)
+        Metric("wer", False, "", (SPEECH_TASK,),
+               "word error rate of the transcripts against the FP32 model's transcripts"),
+        Metric("cer", False, "", (SPEECH_TASK,),
+               "character error rate against the FP32 model's transcripts (finer than WER on short or odd text)"),
+        Metric("wer_reference", False, "", (SPEECH_TASK,),
+               "word error rate against the reference transcripts given with the clips"),
+        Metric("token_top1", True, "", (SPEECH_TASK,),
+               "share of decoding steps (CTC frames; Whisper steps along FP32's transcript) whose arg-max token "
+               "matches FP32's"),
     )
 }
 
@@ -62,6 +72,7 @@ PRIMARY_METRIC: dict[str, str] = {
     OBJECT_DETECTION: "map50",
     "onnx": "cosine_mean",
     DECODER_TASK: "perplexity_ratio",
+    SPEECH_TASK: "wer",
 }
 
 # The values a metric can take (inclusive), so a floor or ceiling outside them is refused as a typo: a cosine floor
@@ -70,6 +81,7 @@ RANGE: dict[str, tuple[float, float]] = {
     "cosine_mean": (-1.0, 1.0), "cosine_p1": (-1.0, 1.0), "cosine_min": (-1.0, 1.0),
     "top1_agreement": (0.0, 1.0), "next_token_top1": (0.0, 1.0), "top5_agreement": (0.0, 1.0),
     "top1_accuracy": (0.0, 1.0), "top1_accuracy_reference": (0.0, 1.0), "map50": (0.0, 1.0),
-    "box_iou_mean": (0.0, 1.0),
+    "box_iou_mean": (0.0, 1.0), "token_top1": (0.0, 1.0),
+    "wer": (0.0, float("inf")), "cer": (0.0, float("inf")), "wer_reference": (0.0, float("inf")),
     "kl_mean": (0.0, float("inf")), "perplexity_ratio": (0.0, float("inf")), "perplexity": (1.0, float("inf")),
 }

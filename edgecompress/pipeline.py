@@ -8,10 +8,13 @@ renamed into place only at the end (bundle.StagedDir).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +26,7 @@ from edgecompress import budget, export, genai, steps
 from edgecompress.bundle import StagedDir, check_out_dir, hash_bundle_files
 from edgecompress.bundle_files import bundle_section, copy_bundle_files
 from edgecompress.cache import Cache, digest
-from edgecompress.errors import BuildInterrupted, ConfigError, ModelError
+from edgecompress.errors import BuildInterrupted, ConfigError, ModelError, PassError
 from edgecompress.inputs import check_build_options, check_fidelity_limit
 from edgecompress.layers import layer_table
 from edgecompress.manifest import Artifact, Manifest
@@ -32,6 +35,7 @@ from edgecompress.model import artifact_size_bytes, load_model, save_model, sha2
 from edgecompress.passes.base import ModelInfo, PassContext
 from edgecompress.profiling import Workload, estimated_latency_ms, profile_artifact
 from edgecompress.profiling.kernels import DIAGNOSTICS_DIR, inspect_kernels
+from edgecompress.profiling.workload import FORWARD
 from edgecompress.progress import NullProgress, Progress
 from edgecompress.recipes import Recipe, RecipeOptions, default_recipe, make_recipe
 from edgecompress.report import render_html, render_markdown
@@ -203,11 +207,15 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
 
     ctx = PassContext(target=target, info=info, calibration=task.calibration_batches, seed=opts.seed, log=log.info,
                       calibration_id=task.calibration_id())
-    model, pass_records, _ = steps.run_recipe(cache, p.recipe, fp32, exported.key, ctx, work / "passes", progress)
+    with _component_errors(exp.onnx_path.stem if len(getattr(task, "components", ())) > 1 else None):
+        model, pass_records, _ = steps.run_recipe(cache, p.recipe, fp32, exported.key, ctx, work / "passes",
+                                                  progress)
     timings["passes"] = sum(r["seconds"] for r in pass_records if not r["cached"])
 
-    model_path = stage / "model.onnx"
+    model_path = stage / exp.onnx_path.name  # model.onnx; a multi-file model's first component (Whisper's encoder)
     save_model(model, model_path)
+    # the recipe again on every further component (Whisper's decoders), each with its own calibration feeds
+    components = _run_components(cache, p, task, ctx, exported, stage, work, progress)
     # config, tokenizer, chat template, generation config, the sentence-transformers pipeline (bundle_files.py)
     side_files = copy_bundle_files(exp.onnx_path.parent, p.model_dir if p.model_dir.is_dir() else None, stage)
 
@@ -222,16 +230,26 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
         kernels = inspect_kernels(model_path, stage / DIAGNOSTICS_DIR, target.runtime.providers,
                                   workload.dims, quantizing=p.recipe.quantizing, reference=model,
                                   target=target)
+        if components:
+            kernels["components"] = {
+                name: inspect_kernels(stage / f"{name}.onnx", stage / DIAGNOSTICS_DIR / name,
+                                      target.runtime.providers, task.component_dims(name, target),  # type: ignore
+                                      quantizing=p.recipe.quantizing, reference=c_model, target=target)
+                for name, (_, c_model, _) in components.items()}
     timings["kernels"] = time.perf_counter() - t0
 
     mobile: dict[str, Any] = {}
-    if p.package == "ort-mobile":  # model.ort, its operator config and provider coverage (mobile.py)
+    if p.package == "ort-mobile" and components:
+        task.warnings.append("no ORT Mobile package (model.ort) for a multi-file model: the bundle ships its "
+                             f"{1 + len(components)} .onnx files for ONNX Runtime (--package none silences this)")
+    elif p.package == "ort-mobile":  # model.ort, its operator config and provider coverage (mobile.py)
         from edgecompress.mobile import package_ort_mobile, sample_feed
 
         t0 = time.perf_counter()
         with progress.step("ORT Mobile package"):
-            mobile = package_ort_mobile(model_path, stage, target.hardware.arch, target.runtime.providers,
-                                        sample_feed(model, info.vocab_size, dims=task.profile_dims(target)))
+            feed = (task.sample_feed() if hasattr(task, "sample_feed")
+                    else sample_feed(model, info.vocab_size, dims=task.profile_dims(target)))
+            mobile = package_ort_mobile(model_path, stage, target.hardware.arch, target.runtime.providers, feed)
         timings["package"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -241,10 +259,14 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     t0 = time.perf_counter()
     profile, figures = profile_artifact(model, model_path, target, workload, vocab_size=info.vocab_size,
                                         runs=opts.runs, progress=progress, threads=opts.threads)
+    if components:  # one clip's figures, composed from every component's profile (speech.compose_clip)
+        profile, figures = _profile_components(task, (model, model_path, profile, figures), components, stage,
+                                               target, opts, progress)
     timings["profile"] = time.perf_counter() - t0
     if facts.budget_section is not None:  # kept so that `edgecompress profile` holds the bundle to the same budgets
         profile["budget_section"] = facts.budget_section
-    profile["fp32_baseline"] = _fp32_baseline(fp32, exp.onnx_path, model is fp32, profile, target, workload)
+    profile["fp32_baseline"] = _fp32_baseline(fp32, exp.onnx_path, model is fp32, profile, target, workload,
+                                              {n: fp for n, (fp, _, _) in components.items()}, task)
     for name, value in fidelity.metrics.items():
         figures[name] = budget.Figure(value, METRICS[name].unit, "measured-on-host")
     if mobile:  # the app ships model.ort, not model.onnx: that is the size to budget
@@ -261,7 +283,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
                 "weights_sha256": sha256_files(export.weight_files(p.model_dir), p.model_dir)},
         target=target.summary(),
         recipe={**p.recipe.describe(), "passes": pass_records,
-                "layers": layer_table(model, [r["report"] for r in pass_records])},
+                "layers": layer_table(model, [r["report"] for r in pass_records]),
+                **({"components": {exp.onnx_path.stem: pass_records,
+                                   **{n: recs for n, (_, _, recs) in components.items()}}} if components else {})},
         export={"task": info.task, "opset": exp.opset, "seconds": exp.seconds, "check": check.as_dict(),
                 "exporter": ("none (ONNX given)" if info.model_type == "onnx"
                              else "onnxruntime_genai.models.builder" if exp.exporter == "genai"
@@ -273,7 +297,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
         fidelity={**fidelity.as_dict(), "counted": facts.units},  # what fidelity.texts counts, for the report
         profile=profile,
         budgets=rows,
-        artifact=Artifact(file="model.onnx", files=files, size_bytes=artifact_size_bytes(model_path),
+        artifact=Artifact(file=model_path.name, files=files,
+                          size_bytes=sum(artifact_size_bytes(stage / f"{n}.onnx")
+                                         for n in (model_path.stem, *components)),
                           sha256=sha256_file(model_path), hashes=hash_bundle_files(stage)),
         timings_s={k: round(v, 3) for k, v in timings.items()},
         warnings=task.warnings,
@@ -289,9 +315,62 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     return manifest
 
 
+def _run_components(cache: Cache, p: _Plan, task: Any, ctx: PassContext, exported: steps.ExportStep, stage: Path,
+                    work: Path, progress: Progress) -> dict[str, tuple[onnx.ModelProto, onnx.ModelProto, list[Any]]]:
+    """name -> (FP32, compressed, pass records) for each component after the first (none for one-file models)."""
+    out = {}
+    for name in getattr(task, "components", ())[1:]:
+        c_fp32 = load_model(exported.result.onnx_path.parent / f"{name}.onnx")
+        c_ctx = replace(ctx, calibration=functools.partial(task.component_calibration, name),
+                        calibration_id=digest({"calibration": ctx.calibration_id, "component": name}))
+        with progress.step(f"recipe on {name}"), _component_errors(name):
+            c_model, records, _ = steps.run_recipe(cache, p.recipe, c_fp32,
+                                                   digest({"export": exported.key, "component": name}), c_ctx,
+                                                   work / "passes" / name, progress)
+        save_model(c_model, stage / f"{name}.onnx")
+        out[name] = (c_fp32, c_model, records)
+    return out
+
+
+@contextlib.contextmanager
+def _component_errors(name: str | None) -> Iterator[None]:
+    """A pass that refuses one component of a multi-file model says which (the recipe is judged per component)."""
+    try:
+        yield
+    except PassError as e:
+        if name is None:
+            raise
+        raise PassError(f"{name}.onnx: {e.message}", hint=e.hint) from e
+
+
+def _profile_components(task: Any, first: tuple[onnx.ModelProto, Path, dict[str, Any], dict[str, Any]],
+                        components: dict[str, Any], stage: Path, target: Target, opts: BuildOptions,
+                        progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
+    from edgecompress.speech import compose_clip
+
+    _, path, profile, figures = first
+    parts = {path.stem: (profile, figures)}
+    for name, (_, c_model, _) in components.items():
+        parts[name] = profile_artifact(c_model, stage / f"{name}.onnx", target,
+                                       Workload(FORWARD, task.component_dims(name, target)), vocab_size=None,
+                                       runs=opts.runs, progress=progress, threads=opts.threads)
+    return compose_clip(parts, task.decode_steps(target))
+
+
 def _fp32_baseline(fp32: onnx.ModelProto, fp32_path: Path, same: bool, profile: dict[str, Any], target: Target,
-                   workload: Workload) -> dict[str, Any]:
+                   workload: Workload, components: dict[str, onnx.ModelProto] | None = None,
+                   task: Any = None) -> dict[str, Any]:
     """The FP32 export's size and estimated latency, for report.html's recipe-vs-FP32 plot (fidelity is 1)."""
+    if components:  # a multi-file model: every component's size, one clip's composed estimate
+        steps_ = task.decode_steps(target)
+        size = artifact_size_bytes(fp32_path)
+        latency = estimated_latency_ms(fp32, float(size), target, workload)
+        for n, m in components.items():
+            c_size = artifact_size_bytes(fp32_path.parent / f"{n}.onnx")
+            size += c_size
+            latency += (steps_ - 1 if n == "decoder_with_past_model" else 1) * estimated_latency_ms(
+                m, float(c_size), target, Workload(workload.kind, task.component_dims(n, target)))
+        return {"size_mb": size / 1e6, "latency_ms": latency, "latency_source": "estimated", "fidelity": 1.0}
     # like for like with the candidate's figure: the estimate's (one forward pass, or one decode step)
     latency = (profile["estimate"]["latency_ms"] if same
                else estimated_latency_ms(fp32, float(artifact_size_bytes(fp32_path)), target, workload))

@@ -97,10 +97,15 @@ def render_markdown(m: Manifest) -> str:
             "| metric | value |", "|---|---|"]
     out += [f"| {k} | {_num(v)} |" for k, v in fid["metrics"].items()]
     out += [f"- note: {n}" for n in fid.get("notes", [])]
-    if (per := fid.get("per_text") or {}).get("worst"):
+    per = fid.get("per_text") or {}
+    speech = bool(per.get("examples")) and "clip" in per["examples"][0]
+    if speech:
+        out += ["", "Example transcripts (FP32 → compressed):", ""]
+        out += [f"- {x['clip']}: `{x['fp32']}` → `{x['compressed']}`" for x in per["examples"]]
+    if per.get("worst"):
         out += ["", f"Worst texts ({per['metric']}):", ""]
         out += [f"- {w[per['metric']]:.4f}: {w['text']}" for w in per["worst"]]
-    if per.get("examples"):  # image models: FP32 vs compressed top-1 on a few images
+    if per.get("examples") and not speech:  # image models: FP32 vs compressed top-1 on a few images
         out += ["", "Example images (FP32 → compressed top-1, probability):", ""]
         out += [f"- {ex['image']}: {ex['reference']} ({ex['reference_p']:.2f}) → {ex['candidate']} "
                 f"({ex['candidate_p']:.2f})" + (f"; label {ex['label']}" if "label" in ex else "")
@@ -607,7 +612,14 @@ def _fidelity_html(m: Manifest) -> list[str]:
         out += ["<h3>Worst texts</h3>",
                 *_table(["text", metric], [[_e(w["text"]), f"{w[metric]:.4f}"] for w in per.get("worst", [])],
                         frozenset({1}), "worst-texts")]
-    return out + _examples_html(per.get("examples") or [])
+    examples = per.get("examples") or []
+    if examples and "clip" in examples[0]:  # speech: a few clips' transcripts, FP32 beside the compressed model's
+        return [*out, f"<h3>Example transcripts</h3><p>{_e(per.get('identical', '?'))} of {_e(fid['texts'])} "
+                      "transcripts identical to FP32's.</p>",
+                      *_table(["clip", "FP32", "compressed", "reference"],
+                              [[_e(x["clip"]), _e(x["fp32"]), _e(x["compressed"]), _e(x.get("reference", ""))]
+                               for x in examples], table_id="transcripts")]
+    return out + _examples_html(examples)
 
 
 def _examples_html(examples: list[dict[str, Any]]) -> list[str]:

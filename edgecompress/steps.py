@@ -64,6 +64,8 @@ def run_export(cache: Cache, model_path: Path, info: ModelInfo, scratch: Path, p
         else:
             res = export.export_onnx(model_path, info, d)
             opset, seconds, output_name = res.opset, res.seconds, res.output_name
+            if res.onnx_path.name != "model.onnx":  # a multi-file export (Whisper): its first component
+                details["model_file"] = res.onnx_path.name
         (d / "export.json").write_text(json.dumps({"task": info.task, "opset": opset, "seconds": seconds,
                                                    "output_name": output_name, "exporter": exporter,
                                                    "details": details}))
@@ -72,7 +74,8 @@ def run_export(cache: Cache, model_path: Path, info: ModelInfo, scratch: Path, p
     with progress.step(label):
         entry, hit = cache.materialize("export", key, fill, scratch)
     meta = json.loads((entry / "export.json").read_text())
-    res = export.ExportResult(onnx_path=entry / "model.onnx", task=meta["task"], opset=meta["opset"],
+    model_file = meta.get("details", {}).get("model_file", "model.onnx")
+    res = export.ExportResult(onnx_path=entry / model_file, task=meta["task"], opset=meta["opset"],
                               seconds=meta["seconds"], output_name=meta["output_name"],
                               files=sorted(p.name for p in entry.iterdir() if not p.name.startswith(".")),
                               exporter=meta.get("exporter", "optimum"), details=meta.get("details", {}))

@@ -64,6 +64,8 @@ class Workload:
     context_length: int = 2048
     # image models whose processor does not fix the input size: the side of the square image the budget assumes
     image_size: int = 224
+    # speech recognition: the clip a latency figure is for (seconds of 16 kHz audio; RTF = latency / this)
+    audio_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool, str]]] = {
         "new_tokens": ((int,), False, "a positive integer (decoder tokens generated)"),
         "context_length": ((int,), False, "a positive integer (decoder context the KV cache is sized for)"),
         "image_size": ((int,), False, "a positive integer (image side in pixels, for image models)"),
+        "audio_seconds": (_Num, False, "a positive number (speech: seconds of audio per clip)"),
     },
     "budgets": {
         "max_size_mb": (_Num, True, "a positive number (MB)"),
@@ -188,6 +191,7 @@ _MAX: dict[str, float] = {
     "hardware.usable_ram_mb": 16 * 2**20, "workload.batch": 1024, "workload.sequence_length": 131_072,
     "workload.prompt_length": 131_072, "workload.new_tokens": 131_072, "workload.context_length": 1_048_576,
     "workload.image_size": 8192,
+    "workload.audio_seconds": 600,
 }
 MAX_TARGET_FILE_BYTES = 1 << 20
 
@@ -311,7 +315,8 @@ def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
         runtime=Runtime(providers=tuple(rt["providers"]), threads=rt["threads"],
                         package=None if rt.get("package", "none") == "none" else rt["package"]),
         workload=Workload(batch=wl["batch"], sequence_length=wl["sequence_length"],
-                          **{k: wl[k] for k in ("prompt_length", "new_tokens", "context_length", "image_size")
+                          **{k: wl[k] for k in ("prompt_length", "new_tokens", "context_length", "image_size",
+                                                "audio_seconds")
                              if k in wl}),
         budgets=Budgets(
             max_size_mb=float(bd["max_size_mb"]), max_peak_ram_mb=float(bd["max_peak_ram_mb"]),

@@ -12,8 +12,9 @@ IMAGE_CLASSIFICATION = "image-classification"
 OBJECT_DETECTION = "object-detection"
 VISION_TASKS = (IMAGE_CLASSIFICATION, OBJECT_DETECTION)
 TEXT_ENCODER_TASKS = ("feature-extraction", "text-classification")  # one forward pass, a tokenizer
-# one forward pass per batch, judged on its outputs (text encoders and image models alike)
-ENCODER_TASKS = (*TEXT_ENCODER_TASKS, ONNX_TASK, *VISION_TASKS)
+SPEECH_TASK = "automatic-speech-recognition"  # CTC models (wav2vec2) and Whisper (tasks/speech.py)
+# one forward pass per batch (for Whisper, a recipe per component), judged on its outputs: the encoder recipes apply
+ENCODER_TASKS = (*TEXT_ENCODER_TASKS, ONNX_TASK, *VISION_TASKS, SPEECH_TASK)
 DECODER_TASKS = (DECODER_TASK,)
 # what a task's calibration/evaluation data are (media.load_data); a task not listed reads text
 MODALITY: dict[str, str] = {IMAGE_CLASSIFICATION: "image", OBJECT_DETECTION: "image"}

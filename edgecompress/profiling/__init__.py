@@ -351,6 +351,13 @@ def profile_bundle(bundle: Path, target: str | Path, options: ProfileOptions | N
 
     tgt = load_target(target)
     manifest, model_path = read_bundle(Path(bundle))
+    if isinstance(manifest.get("recipe"), dict) and manifest["recipe"].get("components"):
+        from edgecompress.errors import UsageError
+
+        # one file's figures would be reported as the whole model's: refuse rather than mislead
+        raise UsageError(f"{bundle} is a multi-file model ({', '.join(manifest['recipe']['components'])}): "
+                         "`profile` measures one file and cannot compose a clip's figures yet",
+                         hint="rebuild it for the target with `edgecompress build`, whose profile composes them")
     try:
         model = onnx.load(str(model_path))
     except Exception as e:  # a truncated or foreign file: not something we built
