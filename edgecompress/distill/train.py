@@ -40,6 +40,10 @@ class Settings:
     temperature: float = 2.0  # KL on logits (classifiers, decoders)
     hidden_weight: float = 1.0  # the hidden-state term next to the output term
     warmup: float = 0.1  # share of the steps with a linear warm-up; then cosine decay to 0
+    # token replacement (TinyBERT-style augmentation): half the rows of a batch get this share of their tokens
+    # replaced by tokens drawn from the calibration texts; the teacher labels whatever the student sees, so a few
+    # hundred sentences give many distinct inputs. 0: off
+    augment: float = 0.15
     max_texts: int = 4096  # token rows held in memory (the calibration texts beyond are not used)
     curve_points: int = 50
 
@@ -85,18 +89,40 @@ class Data:
             out = {k: v[:, :length] for k, v in out.items()}
         return out
 
+    def augment(self, batch: dict[str, np.ndarray], share: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Half the rows get `share` of their inner tokens (not the first or last real one: [CLS]/[SEP]) replaced
+        by tokens drawn from the calibration texts' own token distribution."""
+        if share <= 0:
+            return batch
+        ids = batch["input_ids"].copy()
+        mask = batch.get("attention_mask", np.ones_like(ids))
+        pool = self.arrays["input_ids"][self.arrays.get("attention_mask", np.ones_like(self.arrays["input_ids"])) > 0]
+        for r in np.flatnonzero(rng.random(len(ids)) < 0.5):
+            real = int(mask[r].sum())
+            inner = np.arange(1, real - 1)
+            if len(inner) == 0:
+                continue
+            pick = inner[rng.random(len(inner)) < share]
+            ids[r, pick] = rng.choice(pool, size=len(pick))
+        return {**batch, "input_ids": ids}
+
     def order(self, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:
-        """The row indices of each step: seeded permutations, one epoch after another."""
+        """The row indices of each step: seeded epochs; within an epoch, rows are grouped by length (pools of 8
+        batches sorted by length, then cut), so a batch pads little, and the batches are shuffled again."""
         rng = np.random.default_rng(seed)
         size = min(batch_size, self.count)
+        mask = self.arrays.get("attention_mask")
+        lengths = mask.sum(axis=1) if mask is not None else np.zeros(self.count)
         out: list[np.ndarray] = []
-        perm = np.empty(0, dtype=np.int64)
         while len(out) < steps:
-            if len(perm) < size:
-                perm = np.concatenate([perm, rng.permutation(self.count)])
-            out.append(np.sort(perm[:size]))
-            perm = perm[size:]
-        return out
+            perm = rng.permutation(self.count)
+            epoch = []
+            for start in range(0, self.count - size + 1, 8 * size):
+                pool = perm[start:start + 8 * size]
+                pool = pool[np.argsort(lengths[pool], kind="stable")]
+                epoch += [np.sort(pool[i:i + size]) for i in range(0, len(pool) - size + 1, size)]
+            out += [epoch[i] for i in rng.permutation(len(epoch))]
+        return out[:steps]
 
 
 def _hidden_term(s_hidden: Any, t_hidden: Any, mask: Any) -> Any:
@@ -140,6 +166,11 @@ def train(student: Any, teacher: Any, task: str, data: Data, settings: Settings,
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    # the embeddings are not pruned: training the transformer layers only halves the optimizer's work (MiniLM's
+    # word embeddings are half its weights) and keeps 320 sentences from moving the vocabulary
+    for name, p in student.named_parameters():
+        if "embeddings" in name or "embed_tokens" in name:
+            p.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     warm = max(1, int(settings.warmup * settings.steps))
@@ -155,6 +186,7 @@ def train(student: Any, teacher: Any, task: str, data: Data, settings: Settings,
     window: list[float] = []
     done, stopped = 0, "steps"
     order = data.order(settings.steps, settings.batch_size, settings.seed)
+    aug = np.random.default_rng(settings.seed + 1)
     log(f"distillation: training on {data.count} calibration texts ({data.tokens} tokens), {settings.steps} steps "
         f"of {min(settings.batch_size, data.count)}, at most {settings.minutes:g} min, {torch.get_num_threads()} "
         "threads")
@@ -165,7 +197,7 @@ def train(student: Any, teacher: Any, task: str, data: Data, settings: Settings,
                 stopped = "time cap"
                 log(f"distillation stopped at the {settings.minutes:g}-minute cap after {step} steps")
                 break
-            feed = {k: torch.from_numpy(v) for k, v in data.batch(idx).items()}
+            feed = {k: torch.from_numpy(v) for k, v in data.augment(data.batch(idx), settings.augment, aug).items()}
             mask = (feed["attention_mask"] if "attention_mask" in feed
                     else torch.ones_like(feed["input_ids"])).to(torch.float32)
             with torch.no_grad():
