@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgecompress.cli import main
-from edgecompress.errors import ConfigError, UsageError
+from edgecompress.errors import ConfigError, ProfileError, UsageError
 from edgecompress.profiling import emulate
 from edgecompress.targets import available_targets, load_target
 
@@ -116,6 +116,23 @@ def test_emulator_dir_honours_the_cache_dir(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.delenv("EDGECOMPRESS_EMULATOR_DIR", raising=False)
     monkeypatch.setenv("EDGECOMPRESS_CACHE_DIR", str(tmp_path))
     assert emulate.emulator_dir() == tmp_path / "emulator"
+
+
+def test_setup_force_removes_only_a_root_edgecompress_made(tmp_path: Path) -> None:
+    # a user's own directory where the emulator root would go is refused, never removed
+    theirs = tmp_path / "emulator" / "rootfs"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(ProfileError, match="not an emulator root edgecompress made"):
+        emulate._remove_root(theirs)
+    assert (theirs / "notes.txt").read_text() == "mine"
+    (theirs / ".edgecompress-debootstrap-complete").write_text("x")  # the marker setup writes on completion
+    emulate._remove_root(theirs)
+    assert not theirs.exists()
+    partial = tmp_path / "emulator" / "rootfs.partial"
+    (partial / "debootstrap").mkdir(parents=True)  # debootstrap's own work dir: an interrupted setup
+    emulate._remove_root(partial)
+    assert not partial.exists()
 
 
 def test_emulating_an_x86_target_is_a_usage_error(tmp_path: Path) -> None:

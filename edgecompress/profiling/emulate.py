@@ -249,6 +249,12 @@ def setup_emulator(*, force: bool = False, mirror: str | None = None,
 
 
 def _remove_root(d: Path) -> None:
+    # only a root edgecompress made: a finished one carries the marker, a partial one debootstrap's own work dir
+    if not ((d / ".edgecompress-debootstrap-complete").is_file()
+            or (d.name == "rootfs.partial" and ((d / "debootstrap").is_dir() or not any(d.iterdir())))):
+        raise ProfileError(f"refusing to remove {d}: it is not an emulator root edgecompress made",
+                           hint="move it away or point EDGECOMPRESS_CACHE_DIR elsewhere, then run "
+                                "`edgecompress emulator setup` again")
     # never rmtree through a live mount (debootstrap mounts proc/sys while it works)
     for sub in ("proc", "sys", "dev/pts", "dev"):
         if os.path.ismount(d / sub):
