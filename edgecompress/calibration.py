@@ -35,6 +35,12 @@ class TextSet:
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "count": len(self.texts)}
 
+    def fingerprint(self) -> str:
+        """Identifies the texts (tasks.base.DataSet): part of build keys."""
+        from edgecompress.cache import hash_texts
+
+        return hash_texts(self.texts)
+
 
 def builtin_texts(split: Split) -> TextSet:
     path = resources.files("edgecompress") / "data" / "corpus" / f"{split}.txt"

@@ -684,10 +684,10 @@ def profile_cmd(bundle_dir: Path, target: str, device: str | None, runs: int, em
         if emulate_arm:  # first: a missing emulator is a one-line error before any profiling
             from edgecompress.errors import ConfigError
             from edgecompress.profiling import read_bundle
-            from edgecompress.profiling.decoder import DECODER_TASK
             from edgecompress.profiling.emulate import emulate_bundle
+            from edgecompress.profiling.workload import DECODER, recorded_kind
 
-            if (read_bundle(Path(bundle_dir))[0].get("source") or {}).get("task") == DECODER_TASK:
+            if recorded_kind(read_bundle(Path(bundle_dir))[0]) == DECODER:
                 raise ConfigError("--emulate does not run decoder (causal LM) bundles yet",
                                   hint="profile it estimated (no flag), here with --emulate-cores N, or on the "
                                        "device with --device ssh://...")

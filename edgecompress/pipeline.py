@@ -22,8 +22,7 @@ import onnx
 from edgecompress import budget, export, genai, steps
 from edgecompress.bundle import StagedDir, check_out_dir, hash_bundle_files
 from edgecompress.bundle_files import bundle_section, copy_bundle_files
-from edgecompress.cache import Cache, digest, hash_texts
-from edgecompress.calibration import TextSet, builtin_texts, load_texts
+from edgecompress.cache import Cache, digest
 from edgecompress.errors import BuildInterrupted, ModelError
 from edgecompress.inputs import check_build_options, check_fidelity_limit
 from edgecompress.layers import layer_table
@@ -31,13 +30,13 @@ from edgecompress.manifest import Artifact, Manifest
 from edgecompress.metrics import METRICS, PRIMARY_METRIC
 from edgecompress.model import artifact_size_bytes, load_model, save_model, sha256_file, sha256_files
 from edgecompress.passes.base import ModelInfo, PassContext
-from edgecompress.profiling import profile_artifact
+from edgecompress.profiling import Workload, estimated_latency_ms, profile_artifact
 from edgecompress.profiling.kernels import DIAGNOSTICS_DIR, inspect_kernels
 from edgecompress.progress import NullProgress, Progress
 from edgecompress.recipes import Recipe, RecipeOptions, default_recipe, make_recipe
 from edgecompress.report import render_html, render_markdown
 from edgecompress.targets import Target, load_target
-from edgecompress.tasks import TextInputs, make_task, validate_workload
+from edgecompress.tasks import DataSet, TaskInputs, make_task, task_facts, validate_workload, workload_for
 from edgecompress.versions import cache_versions, library_versions
 
 log = logging.getLogger(__name__)
@@ -120,8 +119,8 @@ class _Plan:
     info: ModelInfo
     target: Target
     recipe: Recipe
-    eval_texts: TextSet
-    calibration_texts: TextSet
+    eval_texts: DataSet  # the task's data (TextSet for text models), from its `data` loader
+    calibration_texts: DataSet
     out: Path
     package: str | None = None
 
@@ -136,7 +135,8 @@ def plan(opts: BuildOptions) -> _Plan:
     if trains:
         refuse_untrainable(model_dir, opts.recipe_options.label("prune_recovery"))
     info = export.inspect_model(model_dir, opts.task)
-    target = target.for_task(info.task)  # decoders: [budgets.decoder]; before the overrides, so they win
+    facts = task_facts(info.task)  # what the task's adapter says differs for it (tasks/base.py)
+    target = target.for_budget_section(facts.budget_section)  # decoders: [budgets.decoder]; before the overrides
     if opts.budgets:
         target = replace(target, budgets=replace(target.budgets, **opts.budgets))
     if opts.min_fidelity is not None:
@@ -149,29 +149,30 @@ def plan(opts: BuildOptions) -> _Plan:
     for ps in recipe.passes:  # what the search would leave out; an explicit build still runs it
         if (why := type(ps).requires(target, info)) is not None:
             log.warning("%s cannot help on %s: %s", ps.name, target.name, why)
-    eval_texts = load_texts(opts.eval, opts.text_column) if opts.eval else builtin_texts("evaluation")
-    calib_texts = (load_texts(opts.calibration, opts.text_column) if opts.calibration
-                   else builtin_texts("calibration"))
+    data = facts.data  # the family's loader: texts for text models
+    eval_texts = data(Path(opts.eval) if opts.eval else None, opts.text_column, "evaluation")
+    calib_texts = data(Path(opts.calibration) if opts.calibration else None, opts.text_column, "calibration")
     out = Path(opts.out) if opts.out else Path("build") / f"{model_name}-{target.name}"
     check_out_dir(out, opts.force, protect=(model_dir,))
-    package = package_for(opts.package, target, info.task)
+    package = package_for(opts.package, target, facts.default_package)
     return _Plan(model_dir, model_name, info, target, recipe, eval_texts, calib_texts, out, package)
 
 
-def package_for(asked: str | None, target: Target, task: str) -> str | None:
-    """--package, else the target's default for encoders (a decoder's ORT Mobile package is asked for by name)."""
+def package_for(asked: str | None, target: Target, by_default: bool) -> str | None:
+    """--package, else the target's default where the task takes it by default (its adapter's `default_package`
+    fact: a decoder's ORT Mobile package is asked for by name)."""
     from edgecompress.mobile import check_package
 
     if asked is not None:
         return check_package(asked)
-    return None if task in export.DECODER_TASKS else target.runtime.package
+    return target.runtime.package if by_default else None
 
 
 def build_key(p: _Plan, opts: BuildOptions, recipe: dict[str, Any] | None = None) -> str:
     """Everything that determines a bundle: a sweep skips a job whose bundle already carries this key."""
     return digest({"source": steps.source_fingerprint(p.model_dir), "task": p.info.task,
                    "target": asdict(p.target), "recipe": recipe or p.recipe.describe(),
-                   "eval": hash_texts(p.eval_texts.texts), "calibration": hash_texts(p.calibration_texts.texts),
+                   "eval": p.eval_texts.fingerprint(), "calibration": p.calibration_texts.fingerprint(),
                    "runs": opts.runs, "seed": opts.seed, "versions": cache_versions(),
                    **({"package": p.package} if p.package else {})})
 
@@ -194,6 +195,7 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     timings: dict[str, float] = {}
     work = stage / "_work"
     info, target = p.info, p.target
+    facts = task_facts(info.task)
 
     cache = Cache(enabled=opts.cache)
 
@@ -205,9 +207,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     timings["export"] = time.perf_counter() - t0
 
     fp32 = load_model(exp.onnx_path)
-    task = make_task(info, TextInputs(model_dir=p.model_dir, export_dir=exp.onnx_path.parent,
-                                      input_names=[i.name for i in fp32.graph.input], eval_texts=p.eval_texts,
-                                      calibration_texts=p.calibration_texts, eval_batch_size=opts.eval_batch_size))
+    task = make_task(info, TaskInputs(model_dir=p.model_dir, export_dir=exp.onnx_path.parent,
+                                      input_names=[i.name for i in fp32.graph.input], eval_data=p.eval_texts,
+                                      calibration_data=p.calibration_texts, eval_batch_size=opts.eval_batch_size))
     t0 = time.perf_counter()
     check, _ = steps.run_reference(cache, task, exported, work / "reference", progress)
     timings["reference"] = time.perf_counter() - t0
@@ -216,7 +218,7 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
                       calibration_id=task.calibration_id(), progress=progress,
                       source=p.model_dir if p.model_dir.is_dir() else None,
                       calibration_data={**p.calibration_texts.describe(),
-                                        "sha256": hash_texts(p.calibration_texts.texts)})
+                                        "sha256": p.calibration_texts.fingerprint()})
     model, pass_records, _ = steps.run_recipe(cache, p.recipe, fp32, exported.key, ctx, work / "passes", progress)
     timings["passes"] = sum(r["seconds"] for r in pass_records if not r["cached"])
 
@@ -226,14 +228,15 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     side_files = copy_bundle_files(exp.onnx_path.parent, p.model_dir if p.model_dir.is_dir() else None, stage)
 
     genai_bundle = genai.finalize_bundle(stage, target.workload.context_length, target.runtime.threads) \
-        if info.task == genai.DECODER_TASK else None
+        if facts.genai else None
 
     # Proof that it runs quantized: ORT's optimized graph goes to diagnostics/, and a quantizing recipe whose
     # MatMuls all run in float kernels there fails the build (PassError: nothing written).
     t0 = time.perf_counter()
+    workload = workload_for(task, target)
     with progress.step("kernels in ORT's optimized graph"):
         kernels = inspect_kernels(model_path, stage / DIAGNOSTICS_DIR, target.runtime.providers,
-                                  task.profile_dims(target), quantizing=p.recipe.quantizing, reference=model,
+                                  workload.dims, quantizing=p.recipe.quantizing, reference=model,
                                   target=target)
     timings["kernels"] = time.perf_counter() - t0
 
@@ -252,12 +255,12 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     timings["fidelity"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    profile, figures = profile_artifact(model, model_path, target, task.profile_dims(target),
-                                        vocab_size=info.vocab_size, runs=opts.runs, progress=progress,
-                                        threads=opts.threads)
+    profile, figures = profile_artifact(model, model_path, target, workload, vocab_size=info.vocab_size,
+                                        runs=opts.runs, progress=progress, threads=opts.threads)
     timings["profile"] = time.perf_counter() - t0
-    profile["fp32_baseline"] = _fp32_baseline(fp32, exp.onnx_path, model is fp32, profile, target,
-                                              task.profile_dims(target))
+    if facts.budget_section is not None:  # kept so that `edgecompress profile` holds the bundle to the same budgets
+        profile["budget_section"] = facts.budget_section
+    profile["fp32_baseline"] = _fp32_baseline(fp32, exp.onnx_path, model is fp32, profile, target, workload)
     for name, value in fidelity.metrics.items():
         figures[name] = budget.Figure(value, METRICS[name].unit, "measured-on-host")
     if mobile:  # the app ships model.ort, not model.onnx: that is the size to budget
@@ -281,9 +284,9 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
                              else "optimum.exporters.onnx.main_export"),
                 **({"path": "fast" if exp.exporter == "genai" else "fallback", "path_why": exporter_why,
                     "graph": exp.details, "genai_bundle": genai_bundle}
-                   if info.task == genai.DECODER_TASK else {}),
+                   if facts.genai else {}),
                 "cached": exported.cached},
-        fidelity=fidelity.as_dict(),
+        fidelity={**fidelity.as_dict(), "counted": facts.units},  # what fidelity.texts counts, for the report
         profile=profile,
         budgets=rows,
         artifact=Artifact(file="model.onnx", files=files, size_bytes=artifact_size_bytes(model_path),
@@ -303,16 +306,10 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
 
 
 def _fp32_baseline(fp32: onnx.ModelProto, fp32_path: Path, same: bool, profile: dict[str, Any], target: Target,
-                   dims: dict[str, int]) -> dict[str, Any]:
+                   workload: Workload) -> dict[str, Any]:
     """The FP32 export's size and estimated latency, for report.html's recipe-vs-FP32 plot (fidelity is 1)."""
-    from edgecompress.profiling.decoder import estimate_decoder, is_decoder_workload
-    from edgecompress.profiling.estimate import estimate
-
-    if same:
-        latency = profile["estimate"]["latency_ms"]
-    elif is_decoder_workload(dims):  # like for like with the candidate's figure: one decode step, estimated
-        latency = estimate_decoder(fp32, float(artifact_size_bytes(fp32_path)), target, dims)["decode_step_ms"]
-    else:
-        latency = estimate(fp32, target, dims).latency_ms
+    # like for like with the candidate's figure: the estimate's (one forward pass, or one decode step)
+    latency = (profile["estimate"]["latency_ms"] if same
+               else estimated_latency_ms(fp32, float(artifact_size_bytes(fp32_path)), target, workload))
     return {"size_mb": artifact_size_bytes(fp32_path) / 1e6, "latency_ms": latency, "latency_source": "estimated",
             "fidelity": 1.0}

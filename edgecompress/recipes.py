@@ -17,9 +17,9 @@ from functools import cache
 from typing import Any
 
 from edgecompress.errors import ConfigError
-from edgecompress.passes.base import Pass, WeightBytes, registered
+from edgecompress.passes.base import Pass, TaskTraits, WeightBytes, registered
 from edgecompress.passes.options import Option, field_options
-from edgecompress.tasknames import DECODER_TASK, DECODER_TASKS, ENCODER_TASKS
+from edgecompress.tasknames import DECODER_TASKS, ENCODER_TASKS
 
 FP32_DESCRIPTION = "export only: the FP32 ONNX model, verified against PyTorch"
 
@@ -204,7 +204,16 @@ def structural_passes(options: RecipeOptions, task: str | None = None) -> list[P
     """Passes that change the graph's shape, run before any recipe's own passes (prune, then low-rank), each when
     one of its enabling knobs is set. They compose with every recipe (e.g. `--recipe int8-dynamic --prune-ffn 0.3`)."""
     values = options.given
-    return [cls(cls.configure(values, task)) for cls in structural_classes() if _enabled(cls, values)]
+    traits = task_traits(task)
+    return [cls(cls.configure(values, traits)) for cls in structural_classes() if _enabled(cls, values)]
+
+
+def task_traits(task: str | None) -> TaskTraits:
+    """What passes may read about `task` when configured, from its adapter's facts (tasks/)."""
+    from edgecompress.tasks import registered_tasks
+
+    facts = registered_tasks().get(task) if task is not None else None
+    return TaskTraits(task, aligns_to_weight_block=facts is not None and facts.aligns_to_weight_block)
 
 
 def recipe_knobs(spec: RecipeSpec) -> list[Option]:
@@ -278,9 +287,10 @@ def make_recipe(name: str, options: RecipeOptions | None = None, task: str | Non
     if own is not None:
         classes.append(own)
     _check_applicable(name, task, classes, options)
+    traits = task_traits(task)
     return Recipe(name=spec.name, description=spec.description,
-                  passes=tuple(cls(cls.configure(values, task)) for cls in classes), quantizing=spec.quantizing)
+                  passes=tuple(cls(cls.configure(values, traits)) for cls in classes), quantizing=spec.quantizing)
 
 
-__all__ = ["DECODER_TASK", "RECIPES", "Recipe", "RecipeOptions", "RecipeSpec", "default_recipe", "knobs",
+__all__ = ["RECIPES", "Recipe", "RecipeOptions", "RecipeSpec", "default_recipe", "knobs",
            "make_recipe", "structural_passes"]

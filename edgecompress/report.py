@@ -11,7 +11,7 @@ import html
 from typing import Any
 
 from edgecompress.manifest import Manifest
-from edgecompress.tasknames import DECODER_TASK
+from edgecompress.profiling.workload import DECODER, recorded_kind
 
 
 def _num(x: object) -> str:
@@ -21,8 +21,13 @@ def _num(x: object) -> str:
 
 
 def _counted(m: Manifest) -> str:
-    """What fidelity and the export check count: a decoder is judged per predicted token, an encoder per text."""
-    return "tokens" if m.fidelity.get("task", m.source.get("task")) == DECODER_TASK else "texts"
+    """What fidelity and the export check count, as the build recorded it (the task adapter's `units` fact: a
+    decoder is judged per predicted token, an encoder per text); bundles built before it was recorded: tokens for
+    a decoder workload, else texts."""
+    counted = m.fidelity.get("counted")
+    if isinstance(counted, str):
+        return counted
+    return "tokens" if recorded_kind({"profile": m.profile}) == DECODER else "texts"
 
 
 def pareto_axis(metric: str) -> tuple[str, Any]:
@@ -188,7 +193,7 @@ def load_snippets(m: Manifest) -> list[tuple[str, str]]:
     elif task == "text-classification":
         out.append(("optimum", f'from optimum.onnxruntime import ORTModelForSequenceClassification\n'
                                f'model = ORTModelForSequenceClassification.from_pretrained("{d}")'))
-    elif task == DECODER_TASK:
+    elif recorded_kind({"profile": m.profile}) == DECODER:  # a causal LM
         out.append(("optimum + the chat template in the bundle",
                     f'from optimum.onnxruntime import ORTModelForCausalLM\n'
                     f'from transformers import AutoTokenizer\n'

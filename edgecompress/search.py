@@ -33,6 +33,7 @@ from edgecompress.manifest import Manifest
 from edgecompress.metrics import METRICS, PRIMARY_METRIC
 from edgecompress.passes.base import WeightBytes
 from edgecompress.pipeline import build, build_key, plan
+from edgecompress.profiling.workload import Workload
 from edgecompress.progress import NullProgress, Progress
 from edgecompress.recipes import RECIPES, RecipeOptions, make_recipe
 from edgecompress.targets import Target
@@ -123,7 +124,8 @@ def _weight_params(model: onnx.ModelProto) -> tuple[int, int, int]:
     return mm_n, ga_n, total - mm_n - ga_n
 
 
-def predict(c: Candidate, fp32: onnx.ModelProto, target: Target, dims: dict[str, int]) -> Prediction:
+def predict(c: Candidate, fp32: onnx.ModelProto, target: Target, workload: Workload) -> Prediction:
+    """Size, memory and latency before building, from the candidate's weight bytes on the task's workload."""
     mm, ga, other = _weight_params(fp32)
     keep = 1.0 - 0.5 * float(c.options.get("prune_ffn", 0.0))  # FFN is about half of a transformer's matmuls
     wb = RECIPES[c.recipe].bytes_for(c.options) if c.recipe in RECIPES else None
@@ -134,24 +136,17 @@ def predict(c: Candidate, fp32: onnx.ModelProto, target: Target, dims: dict[str,
         resident = (mm * keep + ga) * wb.resident + other * 4
     else:
         disk = resident = mm * keep * wb.matmul + ga * wb.gather + other * 4
-    from edgecompress.profiling.decoder import estimate_decoder_from, is_decoder_workload
+    from edgecompress.profiling import predict_from_weights
+    from edgecompress.profiling.cost import NodeCost, node_costs
 
-    if is_decoder_workload(dims):  # a causal LM: memory includes the KV cache, latency is one decode step
-        est = estimate_decoder_from(resident, mm * keep + ga + other, target, dims)
-        return Prediction(disk / 1e6, est["peak_ram_mb"], est["decode_step_ms"], est["decode_tok_s"],
-                          est["ttft_ms"])
-    latency = None
-    try:
-        from edgecompress.profiling.cost import NodeCost, node_costs
-        from edgecompress.profiling.estimate import roofline_ms
+    def costs() -> list[NodeCost]:  # the FP32 graph's costs at the candidate's weight precision and pruning
+        return [NodeCost(nc.name, nc.op_type, precision if nc.is_matmul and nc.weight_bytes else nc.precision,
+                         nc.flops * (keep if nc.is_matmul and nc.weight_bytes else 1.0), nc.bytes, nc.weight_bytes,
+                         nc.is_matmul) for nc in node_costs(fp32, workload.dims)]
 
-        costs = [NodeCost(nc.name, nc.op_type, precision if nc.is_matmul and nc.weight_bytes else nc.precision,
-                          nc.flops * (keep if nc.is_matmul and nc.weight_bytes else 1.0), nc.bytes, nc.weight_bytes,
-                          nc.is_matmul) for nc in node_costs(fp32, dims)]
-        latency, _ = roofline_ms(costs, target)
-    except Exception as e:  # the prediction is an optimisation; building still measures
-        log.debug("no latency prediction for %s: %s", c.name, e)
-    return Prediction(disk / 1e6, resident / 2**20 + target.estimate.runtime_baseline_mb, latency)
+    p = predict_from_weights(workload, target, resident_bytes=resident, params=mm * keep + ga + other,
+                             forward_costs=costs)
+    return Prediction(disk / 1e6, p.resident_mb, p.latency_ms, p.decode_tok_s, p.ttft_ms)
 
 
 def _predicted_misses(p: Prediction, target: Target) -> list[tuple[str, float]]:
@@ -231,14 +226,14 @@ def build_auto(opts: Any, progress: Progress | None = None, *, max_candidates: i
         with StagedDir(base.out, opts.force) as stage:
             exported = steps.run_export(cache, base.model_dir, info, stage.path / "_work" / "export", progress)
             fp32 = onnx.load(str(exported.result.onnx_path))
-            from edgecompress.tasks import TextInputs, make_task
+            from edgecompress.tasks import TaskInputs, make_task, workload_for
 
-            dims = make_task(info, TextInputs(base.model_dir, exported.result.onnx_path.parent,
-                                              [i.name for i in fp32.graph.input], base.eval_texts,
-                                              base.calibration_texts)).profile_dims(target)
+            workload = workload_for(make_task(info, TaskInputs(base.model_dir, exported.result.onnx_path.parent,
+                                                               [i.name for i in fp32.graph.input], base.eval_texts,
+                                                               base.calibration_texts)), target)
             todo, rejected = [], []
             for c in cands:
-                pred = predict(c, fp32, target, dims)
+                pred = predict(c, fp32, target, workload)
                 rec = {"candidate": c.name, "recipe": c.recipe, "options": c.options, "prediction": asdict(pred)}
                 if misses := _predicted_misses(pred, target):
                     rejected.append((max(m[1] for m in misses), c, rec, "; ".join(m[0] for m in misses)))

@@ -18,7 +18,6 @@ import tomllib
 
 from edgecompress.errors import ConfigError
 from edgecompress.metrics import METRICS, RANGE
-from edgecompress.tasknames import DECODER_TASK
 
 ISA_FLAGS = frozenset(
     {"avx2", "fma", "f16c", "avx512", "avx512_vnni", "avx_vnni", "neon", "fp16", "dotprod", "i8mm", "bf16", "sve",
@@ -78,7 +77,7 @@ class Budgets:
     min_decode_tok_s: float | None = None
     max_ttft_ms: float | None = None
     # [budgets.decoder]: the fields above that a causal LM is held to instead (a decoder's weights and KV cache are
-    # a different size class from an encoder's); applied by Target.for_task, empty where the file has no table
+    # a different size class from an encoder's); applied by Target.for_budget_section, empty where the file has no table
     decoder: dict[str, float] = field(default_factory=dict)
 
     def for_decoder(self) -> Budgets:
@@ -112,11 +111,12 @@ class Target:
     path: str
     sha256: str
 
-    def for_task(self, task: str) -> Target:
-        """The target as a model of `task` is judged on it: decoders get [budgets.decoder] over [budgets].
+    def for_budget_section(self, section: str | None) -> Target:
+        """The target as a model is judged on it: a task's budget section (its adapter's `budget_section` fact,
+        e.g. "decoder": [budgets.decoder]) over [budgets]; None, or a section the file lacks: [budgets].
 
         Apply it before any per-build overrides (--max-size-mb ...), so that those still win."""
-        if task == DECODER_TASK and self.budgets.decoder:
+        if section == "decoder" and self.budgets.decoder:
             return replace(self, budgets=self.budgets.for_decoder())
         return self
 

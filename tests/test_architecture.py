@@ -103,3 +103,23 @@ def test_layering_rules() -> None:
             assert not any(d.startswith("edgecompress.profiling") for d in deps), (mod, deps)
         if mod in ("edgecompress.pipeline", "edgecompress.recipes") or mod.startswith("edgecompress.passes"):
             assert "edgecompress.search" not in deps and "edgecompress.api" not in deps, mod
+
+
+def test_passes_and_profiling_never_import_tasks() -> None:
+    """Task adapters sit above both: passes get calibration batches, profiling a workload the adapter produced
+    (profiling also runs on devices, with stdlib + numpy + onnxruntime only)."""
+    for mod, deps in import_graph().items():
+        if mod.startswith(("edgecompress.passes", "edgecompress.profiling")):
+            assert not any(d.startswith("edgecompress.tasks") for d in deps), (mod, deps)
+
+
+def test_every_task_name_has_one_adapter() -> None:
+    from edgecompress import export, tasknames
+    from edgecompress.tasks import registered_tasks
+
+    names = {n for k, v in vars(tasknames).items() if k.isupper()
+             for n in (v if isinstance(v, tuple) else (v,)) if isinstance(n, str)}
+    tasks = registered_tasks()  # imports every module of edgecompress/tasks
+    assert set(tasks) == names >= set(export.SUPPORTED_TASKS)
+    for name, facts in tasks.items():
+        assert name in facts.tasks and facts.adapter.facts is facts

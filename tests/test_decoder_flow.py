@@ -43,7 +43,7 @@ def phone_bundle(tiny_llama: Path, short_eval: Path, tmp_path_factory: pytest.Te
 def test_build_holds_a_decoder_to_the_decoder_budgets(phone_bundle: Path) -> None:
     m = json.loads((phone_bundle / "manifest.json").read_text())
     rows = {r["name"]: r for r in m["budgets"]}
-    dec = load_target("phone-arm64").for_task(DECODER).budgets
+    dec = load_target("phone-arm64").for_budget_section("decoder").budgets
     assert rows["size"]["limit"] == dec.max_size_mb == 200
     assert rows["peak_ram"]["limit"] == dec.max_peak_ram_mb == 768 and rows["peak_ram"]["source"] == "estimated"
     assert rows["decode_tok_s"]["limit"] == 20 and rows["decode_tok_s"]["source"] == "estimated"

@@ -389,8 +389,7 @@ def test_decoder_estimate_is_bandwidth_bound_and_labelled(tmp_path: Path) -> Non
     save_model(model, path)
     target = load_target("phone-arm64")
     dims = {"prompt_length": 128, "new_tokens": 64, "context_length": 2048, "kv_bytes_per_token": 46_080}
-    profile, figures = profile_decoder(model, path, target, dims, vocab_size=48, threads=None, cores=None,
-                                       measure=False)
+    profile, figures = profile_decoder(model, path, target, dims, vocab_size=48, threads=None, transport=None)
     # weights as ORT holds them after load (the fp16 block offsets become fp32: profiling/weights.py)
     size = max(path.stat().st_size, weight_memory(model).resident_bytes)
     per_token = size + 46_080 * (128 + 32)  # weights + the KV cache at the mean context, read once per token

@@ -136,7 +136,7 @@ def test_out_of_memory_is_a_failed_budget_not_a_crash(tmp_path: Path) -> None:
     import pytest
 
     from edgecompress.budget import check
-    from edgecompress.profiling import ProfileOptions, profile_artifact
+    from edgecompress.profiling import ProfileOptions, Workload, profile_artifact
     from edgecompress.profiling.local import OutOfMemory
 
     if not _cgroup_v1_writable():
@@ -148,7 +148,7 @@ def test_out_of_memory_is_a_failed_budget_not_a_crash(tmp_path: Path) -> None:
     assert e.value.cap_mb == 200
     host = load_target("host")
     small = replace(host, hardware=replace(host.hardware, usable_ram_mb=200))
-    profile, figures = profile_artifact(onnx.load(str(path)), path, small, {}, vocab_size=None,
+    profile, figures = profile_artifact(onnx.load(str(path)), path, small, Workload(), vocab_size=None,
                                         options=ProfileOptions(runs=1, min_seconds=0.0, op_profile_runs=0))
     assert profile["host"]["out_of_memory"] is True
     rows = {r.name: r for r in check(small.budgets, figures)}

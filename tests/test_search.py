@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from conftest import matmul_model
 
 from edgecompress.cli import main
+from edgecompress.profiling.workload import Workload
 from edgecompress.search import Candidate, candidates, predict
 from edgecompress.sweep.results import pareto_front
 from edgecompress.targets import load_target
@@ -45,7 +46,7 @@ def test_candidates_leave_out_what_cannot_help() -> None:
 def test_predictions_scale_with_precision() -> None:
     m = matmul_model(m=4, k=256, n=256)
     host = load_target("host")
-    fp32, int8 = predict(Candidate("fp32"), m, host, {}), predict(Candidate("int8-dynamic"), m, host, {})
+    fp32, int8 = (predict(Candidate(r), m, host, Workload()) for r in ("fp32", "int8-dynamic"))
     assert fp32.size_mb == pytest.approx(256 * 256 * 4 / 1e6)
     assert int8.size_mb == pytest.approx(fp32.size_mb / 4)
     assert fp32.latency_ms is not None and int8.latency_ms is not None

@@ -322,6 +322,28 @@ def test_a_failing_run_still_cleans_up(lab: Lab, bundle: Path) -> None:
     assert lab.leftovers() == []
 
 
+def test_a_runner_killed_on_the_device_is_a_failed_memory_budget(lab: Lab, bundle: Path) -> None:
+    """SIGKILL on the device (what its out-of-memory killer does; we set no cap there): the same handler as a kill
+    at our cap on this host, a failed peak_ram with the reason, not a crash; the remote dir is still removed."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="edgecompress-killpy-"))
+    try:
+        d.chmod(0o755)
+        killer = d / "python"  # the device's python: answers the probe, then dies by SIGKILL running the runner
+        killer.write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exec {VENV_PYTHON} "$@"; fi\nkill -9 $$\n')
+        killer.chmod(0o755)
+        r = profile_bundle(bundle, "raspberry-pi-5", ProfileOptions(runs=2, min_seconds=0.0, op_profile_runs=0,
+                                                                    device=lab.device(remote_python=str(killer))))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    dev = r.profile["device"]
+    assert dev["out_of_memory"] is True and dev["memory_cap_mb"] is None and "killed (out of memory?)" in dev["note"]
+    rows = {b.name: b for b in r.budgets}
+    assert not rows["peak_ram"].passed and rows["peak_ram"].source == "measured"
+    assert lab.leftovers() == []
+
+
 # --- no server needed ------------------------------------------------------------------------------------------
 def test_connect_timeout_on_a_silent_port() -> None:
     """A port that accepts TCP but never says SSH: the connect timeout, not a hang."""

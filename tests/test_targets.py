@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from edgecompress.errors import ConfigError
-from edgecompress.targets import available_targets, load_target, load_target_file
+from edgecompress.targets import Target, available_targets, load_target, load_target_file
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {"server-gpu", "jetson-orin-nano", "raspberry-pi-4", "raspberry-pi-5", "phone-arm64", "host"}
@@ -90,14 +90,21 @@ def test_host_isa_is_detected_from_cpuinfo(tmp_path: Path) -> None:
 
 # --- decoder budgets ([budgets.decoder]) -------------------------------------------------------------------------
 DECODER = "text-generation-with-past"
+
+
+def _as_judged(t: Target, task: str) -> Target:
+    """The target as pipeline.plan applies it to a model of `task`: its adapter's budget section."""
+    from edgecompress.tasks import task_facts
+
+    return t.for_budget_section(task_facts(task).budget_section)
 SMOLLM2_KV_MB_AT_2K = 46_080 * 2048 / 1e6  # layers x 2 x kv_heads x head_dim x 4 B x context
 
 
 def test_every_target_holds_decoders_to_decoder_budgets() -> None:
     for name in EXPECTED:
         t = load_target(name)
-        enc, dec = t.budgets, t.for_task(DECODER).budgets
-        assert t.for_task("feature-extraction") is t  # encoders keep [budgets]
+        enc, dec = t.budgets, _as_judged(t, DECODER).budgets
+        assert _as_judged(t, "feature-extraction") is t  # encoders keep [budgets]
         assert dec.decoder == {} and dec.fidelity == enc.fidelity
         assert dec.min_decode_tok_s is not None and dec.max_ttft_ms is not None
         # one decode step may take at most 1 / the tok/s floor
@@ -129,14 +136,14 @@ def test_decoder_budgets_table_is_validated(tmp_path: Path) -> None:
     # no table: a decoder gets [budgets] as is
     text = re.sub(r"\[budgets\.decoder\]\n(.*\n)*?\n", "", base, count=1)
     t = load_target(_write(tmp_path, text))
-    assert t.budgets.decoder == {} and t.for_task(DECODER) is t
+    assert t.budgets.decoder == {} and _as_judged(t, DECODER) is t
 
 
 def test_build_overrides_win_over_decoder_budgets(tmp_path: Path) -> None:
     """pipeline.plan applies [budgets.decoder] first, then --max-size-mb and friends."""
     from dataclasses import replace
 
-    t = load_target("phone-arm64").for_task(DECODER)
+    t = _as_judged(load_target("phone-arm64"), DECODER)
     assert t.budgets.max_size_mb == 200
     overridden = replace(t.budgets, max_size_mb=150.0)
     assert overridden.max_size_mb == 150 and overridden.max_peak_ram_mb == 768

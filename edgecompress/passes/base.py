@@ -37,6 +37,16 @@ class ModelInfo:
     max_positions: int | None = None
 
 
+@dataclass(frozen=True)
+class TaskTraits:
+    """What a pass may read about the task when it is configured, from the task adapter's facts (tasks/base.py;
+    passes never import tasks): recipes.make_recipe fills it in."""
+
+    name: str | None = None
+    # structural passes keep a pruned MatMul's K a multiple of the 4-bit block (the decoder kernels need it)
+    aligns_to_weight_block: bool = False
+
+
 @dataclass
 class PassContext:
     target: Target
@@ -110,7 +120,7 @@ class Pass(ABC, Generic[C]):
         self.config: C = config if config is not None else self.config_class()
 
     @classmethod
-    def configure(cls, values: Mapping[str, Any], task: str | None) -> C:
+    def configure(cls, values: Mapping[str, Any], task: TaskTraits) -> C:
         """The config for the recipe knobs given (knob name -> value): each knob field takes its value, the rest
         keep their defaults. A pass overrides this only where a knob maps to more than one field."""
         from edgecompress.passes.options import field_options
@@ -119,9 +129,9 @@ class Pass(ABC, Generic[C]):
                                    if opt.name in values})
 
     @classmethod
-    def from_options(cls, options: Any, task: str | None = None) -> Pass[C]:
+    def from_options(cls, options: Any, task: TaskTraits | None = None) -> Pass[C]:
         """This pass configured from a recipes.RecipeOptions (the knobs given)."""
-        return cls(cls.configure(options.given, task))
+        return cls(cls.configure(options.given, task or TaskTraits()))
 
     @classmethod
     def requires(cls, target: Target, info: ModelInfo | None) -> str | None:

@@ -22,7 +22,17 @@ from edgecompress import isa
 from edgecompress.errors import PassError
 from edgecompress.graph import GraphIndex, op_histogram
 from edgecompress.passes import ort_quant
-from edgecompress.passes.base import Batch, Pass, PassContext, PassResult, Skip, WeightBytes, register, skips
+from edgecompress.passes.base import (
+    Batch,
+    Pass,
+    PassContext,
+    PassResult,
+    Skip,
+    TaskTraits,
+    WeightBytes,
+    register,
+    skips,
+)
 from edgecompress.passes.capture import Capture, token_rows
 from edgecompress.passes.options import BLOCK_SIZE, CALIBRATION_SAMPLES, Option, option, validate_config
 from edgecompress.targets import Target
@@ -84,7 +94,7 @@ class Int4WeightOnly(Pass[Int4Config]):
     name = "int4"
 
     @classmethod
-    def configure(cls, values: Mapping[str, Any], task: str | None) -> Int4Config:
+    def configure(cls, values: Mapping[str, Any], task: TaskTraits) -> Int4Config:
         d = Int4Config()
         method = values.get("int4_method", d.method)
         # calibration only matters to GPTQ: keep it out of the others' cache keys

@@ -7,7 +7,9 @@ the manifest plus the figures the budgets are checked against, each with its sou
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,11 +18,16 @@ import onnx
 
 from edgecompress.budget import BudgetRow, Figure
 from edgecompress.model import artifact_size_bytes
+from edgecompress.profiling.workload import DECODER, FORWARD, Workload, recorded_budget_section
 from edgecompress.progress import NullProgress, Progress
 from edgecompress.targets import Target
 
 if TYPE_CHECKING:
+    from edgecompress.profiling.cost import NodeCost
     from edgecompress.profiling.ssh import DeviceOptions
+    from edgecompress.profiling.transport import RunnerTransport
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,30 +42,51 @@ class ProfileOptions:
     op_profile_runs: int = 5  # runs of a second, ORT-profiled session for the per-op table; 0: none
     min_seconds: float = 1.0
     device: DeviceOptions | None = None  # ssh lab device (profiling/ssh.py)
-    # --emulate (profiling/emulate.py) adds its field here and its branch in profile_artifact
+    # measure through this RunnerTransport instead (tests: a fake launcher); wins over device and this host
+    transport: RunnerTransport | None = None
 
 
-def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, dims: dict[str, int], *,
+def measuring_transport(target: Target, opts: ProfileOptions) -> RunnerTransport | None:
+    """The one decision of where a measurement runs: the given transport, else a lab device over ssh, else this
+    host for a host target or with --emulate-cores (pinned, capped at the target's usable RAM where it can be);
+    None: nothing is measured, the figures are estimated. (--emulate is numerics only: profiling/emulate.py.)"""
+    if opts.transport is not None:
+        return opts.transport
+    if opts.device is not None:
+        from edgecompress.profiling.ssh import SshTransport
+
+        return SshTransport(opts.device)
+    if target.host or opts.emulate_cores:
+        from edgecompress.profiling.local import LocalTransport
+
+        # pin only when asked: a sweep runs several jobs at once, each already given its share of threads
+        return LocalTransport(cores=opts.emulate_cores,
+                              memory_mb=float(target.hardware.usable_ram_mb) if opts.memory_cap else None)
+    return None
+
+
+def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, workload: Workload, *,
                      vocab_size: int | None, runs: int = 30, progress: Progress | None = None,
                      threads: int | None = None, options: ProfileOptions | None = None,
                      ) -> tuple[dict[str, Any], dict[str, Figure]]:
-    """threads: intra-op threads for a measurement on this host (default: the target's).
+    """workload: what the task adapter asks for (its kind and dims). threads: intra-op threads for a measurement
+    on this host (default: the target's).
 
     options (from `edgecompress profile`) overrides runs and threads."""
     from edgecompress.profiling.estimate import estimate
 
     opts = options or ProfileOptions(runs=runs, threads=threads)
     progress = progress or NullProgress()
-    from edgecompress.profiling.decoder import is_decoder_workload, profile_decoder
+    dims = workload.dims
+    transport = measuring_transport(target, opts)
+    where = (f" on {opts.device.url.name}" if opts.device is not None and transport is not None
+             and transport.on_device else "" if transport is None else " on this host")
+    if workload.kind == DECODER:  # a causal LM: prefill + token-by-token decode
+        from edgecompress.profiling.decoder import profile_decoder
 
-    if is_decoder_workload(dims):  # a causal LM (tasks.DecoderTask): prefill + token-by-token decode
-        measure = opts.device is None and bool(target.host or opts.emulate_cores)
-        where = (f" on {opts.device.url.name}" if opts.device is not None else " on this host" if measure
-                 else ", estimated")
-        with progress.step(f"profile decoder (prefill, decode){where}"):
+        with progress.step(f"profile decoder (prefill, decode){where or ', estimated'}"):
             return profile_decoder(model, model_path, target, dims, vocab_size=vocab_size, threads=opts.threads,
-                                   cores=opts.emulate_cores, measure=measure, device=opts.device,
-                                   memory_cap_mb=float(target.hardware.usable_ram_mb) if opts.memory_cap else None)
+                                   transport=transport)
     profile: dict[str, Any] = {"workload": dict(dims)}
     figures = {"size": Figure(artifact_size_bytes(model_path) / 1e6, "MB", "measured",
                               "model file plus external data")}
@@ -66,62 +94,97 @@ def profile_artifact(model: onnx.ModelProto, model_path: Path, target: Target, d
         est = estimate(model, target, dims)
     profile["estimate"] = {"source": "estimated", "method": est.method, "latency_ms": est.latency_ms,
                            "peak_ram_mb": est.peak_ram_mb, **est.details}
-    if opts.device is not None:
-        with progress.step(f"profile on {opts.device.url.name} ({opts.runs} runs)"):
-            _measure_on_device(model_path, target, dims, vocab_size, opts, profile, figures)
-    # elif opts.emulate: ... (profiling/emulate.py)
-    elif target.host or opts.emulate_cores:
-        with progress.step(f"profile on this host ({opts.runs} runs)"):
-            _measure_here(model_path, target, dims, vocab_size, opts, profile, figures)
+    if transport is not None:
+        with progress.step(f"profile{where} ({opts.runs} runs)"):
+            _measure(model_path, target, dims, vocab_size, opts, transport, profile, figures)
     else:
         figures["peak_ram"] = Figure(est.peak_ram_mb, "MB", "estimated", "roofline memory model")
         figures["latency_p90"] = Figure(est.latency_ms, "ms", "estimated", "roofline")
     return profile, figures
 
 
-def _measure_here(model_path: Path, target: Target, dims: dict[str, int], vocab_size: int | None,
-                  opts: ProfileOptions, profile: dict[str, Any], figures: dict[str, Figure]) -> None:
-    from edgecompress.profiling.local import OutOfMemory, profile_local
-    from edgecompress.profiling.transport import figure_source, record_out_of_memory
+def estimated_latency_ms(model: onnx.ModelProto, model_bytes: float, target: Target, workload: Workload) -> float:
+    """The estimate's latency figure for the workload: one forward pass, or one decode step for a decoder."""
+    if workload.kind == DECODER:
+        from edgecompress.profiling.decoder import estimate_decoder
 
-    section, source = figure_source(target, on_device=False)
-    # pin only when asked: a sweep runs several jobs at once, each already given its share of threads
-    cores = opts.emulate_cores
-    cap = float(target.hardware.usable_ram_mb) if opts.memory_cap else None
+        return float(estimate_decoder(model, model_bytes, target, workload.dims)["decode_step_ms"])
+    from edgecompress.profiling.estimate import estimate
+
+    return estimate(model, target, workload.dims).latency_ms
+
+
+@dataclass(frozen=True)
+class WeightsPrediction:
+    """--recipe auto's figures before building, from the weights' bytes alone (search.predict)."""
+
+    resident_mb: float
+    latency_ms: float | None
+    decode_tok_s: float | None = None  # a decoder workload: bandwidth-bound decode, compute-bound prefill
+    ttft_ms: float | None = None
+
+
+def predict_from_weights(workload: Workload, target: Target, *, resident_bytes: float, params: float,
+                         forward_costs: Callable[[], list[NodeCost]]) -> WeightsPrediction:
+    """resident_bytes: the weights once loaded; params: their count; forward_costs: the graph's per-node costs as
+    the candidate would run them (only a forward workload reads them: a roofline over them)."""
+    if workload.kind == DECODER:  # memory includes the KV cache, latency is one decode step
+        from edgecompress.profiling.decoder import estimate_decoder_from
+
+        est = estimate_decoder_from(resident_bytes, params, target, workload.dims)
+        return WeightsPrediction(est["peak_ram_mb"], est["decode_step_ms"], est["decode_tok_s"], est["ttft_ms"])
+    latency = None
     try:
-        hp = profile_local(model_path, dims=dims, vocab_size=vocab_size,
-                           threads=opts.threads or target.runtime.threads, runs=opts.runs,
-                           min_seconds=opts.min_seconds, cores=cores, memory_cap_mb=cap,
-                           op_profile_runs=opts.op_profile_runs)
-    except OutOfMemory as e:
-        record_out_of_memory(profile, figures, section, source, e.cap_mb)
-        return
-    profile[section] = {**hp.section(source), "machine": platform.machine()}
-    where = "VmHWM of the runner process" + ("" if target.host else f" on this host pinned to {cores} cores")
-    figures["peak_ram"] = Figure(hp.peak_rss_mb, "MB", source, where)
-    figures["latency_p90"] = Figure(hp.latency_ms.p90, "ms", source, "p90, single stream (MLPerf)")
-    figures["load_time"] = Figure(hp.load_ms, "ms", source, "session creation")
+        from edgecompress.profiling.estimate import roofline_ms
+
+        latency, _ = roofline_ms(forward_costs(), target)
+    except Exception as e:  # the prediction is an optimisation; building still measures
+        log.debug("no latency prediction: %s", e)
+    return WeightsPrediction(resident_bytes / 2**20 + target.estimate.runtime_baseline_mb, latency)
 
 
-def _measure_on_device(model_path: Path, target: Target, dims: dict[str, int], vocab_size: int | None,
-                       opts: ProfileOptions, profile: dict[str, Any], figures: dict[str, Figure]) -> None:
+def _measure(model_path: Path, target: Target, dims: dict[str, int], vocab_size: int | None,
+             opts: ProfileOptions, transport: RunnerTransport, profile: dict[str, Any],
+             figures: dict[str, Figure]) -> None:
+    """One forward-pass workload measured through the transport: latency p90, peak RAM, load time."""
     from edgecompress.profiling.local import HostProfile, input_specs, runner_spec
-    from edgecompress.profiling.ssh import profile_on_device
+    from edgecompress.profiling.transport import OutOfMemory, figure_source, model_files, record_out_of_memory
 
-    assert opts.device is not None
+    section, source = figure_source(target, on_device=transport.on_device)
     threads = opts.threads or target.runtime.threads
-    spec = runner_spec(model_path.name, input_specs(model_path, dims, vocab_size), threads=threads, runs=opts.runs,
-                       min_seconds=opts.min_seconds, max_seconds=max(1.0, opts.device.run_timeout_s * 0.8),
+    cores = None if transport.on_device else opts.emulate_cores
+    if cores:  # pinned to the target's cores: no more threads than cores
+        threads = min(threads, cores) if threads else cores
+    device = opts.device if transport.on_device else None
+    # on a device the run must end well within its run timeout; here, the runner's own 300 s ceiling
+    max_seconds = max(1.0, device.run_timeout_s * 0.8) if device else 300.0
+    spec = runner_spec(model_path.name if device else str(model_path), input_specs(model_path, dims, vocab_size),
+                       threads=threads, runs=opts.runs, min_seconds=opts.min_seconds, max_seconds=max_seconds,
                        op_profile_runs=opts.op_profile_runs)
-    run = profile_on_device(model_path, spec, opts.device)
+    try:
+        run = transport.run(model_files(model_path) if transport.on_device else [model_path], spec)
+    except OutOfMemory as e:
+        record_out_of_memory(profile, figures, section, source, e, target)
+        return
+    if not transport.on_device:
+        limits = dict(run.limits)
+        limits["threads"] = threads
+        hp = HostProfile.from_result(run.result, dims, limits)
+        profile[section] = {**hp.section(source), "machine": platform.machine()}
+        where = "VmHWM of the runner process" + ("" if target.host else f" on this host pinned to {cores} cores")
+        figures["peak_ram"] = Figure(hp.peak_rss_mb, "MB", source, where)
+        figures["latency_p90"] = Figure(hp.latency_ms.p90, "ms", source, "p90, single stream (MLPerf)")
+        figures["load_time"] = Figure(hp.load_ms, "ms", source, "session creation")
+        return
     hp = HostProfile.from_result(run.result, dims, {"threads": threads, "warnings": run.warnings})
-    profile["device"] = {**hp.section("measured"), "device": run.device, "url": str(opts.device.url),
-                         "remote_python": run.remote_python, "python": run.result.get("python"),
-                         "remote_dir_removed": run.removed}
-    on = f"on {run.device}"
-    figures["peak_ram"] = Figure(hp.peak_rss_mb, "MB", "measured", f"VmHWM of the runner {on}")
-    figures["latency_p90"] = Figure(hp.latency_ms.p90, "ms", "measured", f"p90, single stream (MLPerf), {on}")
-    figures["load_time"] = Figure(hp.load_ms, "ms", "measured", f"session creation {on}")
+    dev = run.device
+    profile[section] = {**hp.section(source), "device": dev.get("device"), "url": dev.get("url"),
+                        "remote_python": dev.get("remote_python"), "python": run.result.get("python"),
+                        "remote_dir_removed": dev.get("remote_dir_removed")}
+    on = f"on {dev.get('device')}"
+    figures["peak_ram"] = Figure(hp.peak_rss_mb, "MB", source, f"VmHWM of the runner {on}")
+    figures["latency_p90"] = Figure(hp.latency_ms.p90, "ms", source, f"p90, single stream (MLPerf), {on}")
+    figures["load_time"] = Figure(hp.load_ms, "ms", source, f"session creation {on}")
 
 
 # --- `edgecompress profile`: an existing bundle ------------------------------------------------------------------
@@ -283,7 +346,7 @@ def profile_bundle(bundle: Path, target: str | Path, options: ProfileOptions | N
     from edgecompress import budget
     from edgecompress.errors import BundleError
     from edgecompress.metrics import METRICS
-    from edgecompress.profiling.decoder import DECODER_TASK, bundle_decoder_dims
+    from edgecompress.profiling.decoder import bundle_decoder_dims
     from edgecompress.targets import load_target
 
     tgt = load_target(target)
@@ -295,12 +358,13 @@ def profile_bundle(bundle: Path, target: str | Path, options: ProfileOptions | N
     vocab = None
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         vocab = int(json.loads((model_path.parent / "config.json").read_text(encoding="utf-8"))["vocab_size"])
-    # a decoder is profiled as one (prefill, decode tok/s, KV cache) and held to the target's decoder budgets
+    # a decoder is profiled as one (prefill, decode tok/s, KV cache); the bundle is held to the budget section its
+    # build recorded (its task's fact: a decoder's [budgets.decoder])
     dec_dims = bundle_decoder_dims(model, model_path.parent, manifest, tgt)
-    if dec_dims is not None:
-        tgt = tgt.for_task(DECODER_TASK)
-    dims = dec_dims if dec_dims is not None else bundle_dims(model, model_path.parent, tgt)
-    profile, figures = profile_artifact(model, model_path, tgt, dims, vocab_size=vocab, progress=progress,
+    tgt = tgt.for_budget_section(recorded_budget_section(manifest, decoder=dec_dims is not None))
+    workload = (Workload(DECODER, dec_dims) if dec_dims is not None
+                else Workload(FORWARD, bundle_dims(model, model_path.parent, tgt)))
+    profile, figures = profile_artifact(model, model_path, tgt, workload, vocab_size=vocab, progress=progress,
                                         options=options or ProfileOptions())
     for name, value in (manifest.get("fidelity") or {}).get("metrics", {}).items():
         if name in METRICS and isinstance(value, (int, float)):

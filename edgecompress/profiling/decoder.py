@@ -17,21 +17,16 @@ import onnx
 
 from edgecompress.budget import Figure
 from edgecompress.model import artifact_size_bytes
+from edgecompress.profiling.workload import DECODER, recorded_kind
 from edgecompress.targets import Target
-from edgecompress.tasknames import DECODER_TASK
 
 if TYPE_CHECKING:
-    from edgecompress.profiling.ssh import DeviceOptions
-
-
-def is_decoder_workload(dims: dict[str, int]) -> bool:
-    """tasks.DecoderTask.profile_dims marks its workload with these keys."""
-    return "new_tokens" in dims and "kv_bytes_per_token" in dims
+    from edgecompress.profiling.transport import RunnerTransport
 
 
 def decoder_dims(target: Target, kv_bytes_per_token: int) -> dict[str, int]:
-    """The target's decoder workload, keyed as tasks.DecoderTask.profile_dims keys it (and so the runner and the
-    estimate read it): the prompt prefilled with an empty cache, then new_tokens decoded one at a time."""
+    """The target's decoder workload, keyed as the decoder task adapter's profile_dims keys it (and so the runner
+    and the estimate read it): the prompt prefilled with an empty cache, then new_tokens decoded one at a time."""
     wl = target.workload
     prompt = min(wl.prompt_length, wl.context_length)
     return {"batch_size": 1, "sequence_length": prompt, "past_sequence_length": 0,
@@ -44,15 +39,16 @@ def bundle_decoder_dims(model: onnx.ModelProto, bundle: Path, manifest: dict[str
                         ) -> dict[str, int] | None:
     """A decoder bundle's workload on `target`, or None when the bundle is not a decoder's.
 
-    A decoder is what the build said (manifest source.task) or a graph fed its own KV cache (past_key_values.*
-    inputs). The KV bytes per token come from config.json's shape and the cache inputs' element type."""
+    A decoder is what the build profiled as one (manifest profile.kind) or a graph fed its own KV cache
+    (past_key_values.* inputs). The KV bytes per token come from config.json's shape and the cache inputs' element
+    type."""
     import json
 
     from edgecompress.errors import BundleError, ConfigError
     from edgecompress.llm import decoder_shape
 
     past = [i for i in model.graph.input if i.name.startswith("past_key_values")]
-    if (manifest.get("source") or {}).get("task") != DECODER_TASK and not past:
+    if recorded_kind(manifest) != DECODER and not past:
         return None
     try:
         config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
@@ -126,29 +122,27 @@ def _spec(model_path: Path, threads: int, dims: dict[str, int], vocab_size: int 
 def measure_decoder(model_path: Path, threads: int, dims: dict[str, int], vocab_size: int | None,
                     cores: int | None = None, repeats: int = 3, memory_mb: float | None = None) -> dict[str, Any]:
     """Generate in a fresh process on this host (pinned to `cores`, capped at `memory_mb` where it can be)."""
-    from edgecompress.profiling.local import run_runner
+    from edgecompress.profiling.local import LocalTransport
 
-    result, limits = run_runner(_spec(model_path, threads, dims, vocab_size, repeats), cores=cores,
-                                memory_mb=memory_mb)
-    return {**result, "limits": limits}
+    run = LocalTransport(cores, memory_mb).run([model_path], _spec(model_path, threads, dims, vocab_size, repeats))
+    return {**run.result, "limits": run.limits}
 
 
 def profile_decoder(model: onnx.ModelProto, model_path: Path, target: Target, dims: dict[str, int], *,
-                    vocab_size: int | None, threads: int | None, cores: int | None, measure: bool,
-                    memory_cap_mb: float | None = None, device: DeviceOptions | None = None,
+                    vocab_size: int | None, threads: int | None, transport: RunnerTransport | None,
                     ) -> tuple[dict[str, Any], dict[str, Figure]]:
-    """measure: generate on this host; device: generate on a lab device over ssh (wins over measure); neither:
-    the estimate alone. The estimate is always in the profile, next to any measurement."""
+    """transport: where to generate (profiling.measuring_transport: this host, a lab device, a fake); None: the
+    estimate alone. The estimate is always in the profile, next to any measurement."""
     size = artifact_size_bytes(model_path)
     kv_ctx = dims["kv_bytes_per_token"] * dims["context_length"]
-    profile: dict[str, Any] = {"workload": dict(dims), "kind": "decoder",
+    profile: dict[str, Any] = {"workload": dict(dims), "kind": DECODER,
                                "kv_cache": {"bytes_per_token": dims["kv_bytes_per_token"],
                                             "context_length": dims["context_length"],
                                             "mb_at_context": kv_ctx / 1e6}}
     figures = {"size": Figure(size / 1e6, "MB", "measured", "model file plus external data")}
     est = estimate_decoder(model, float(size), target, dims)
     profile["estimate"] = {**est, "latency_ms": est["decode_step_ms"]}
-    if not measure and device is None:
+    if transport is None:
         figures["decode_tok_s"] = Figure(est["decode_tok_s"], "tok/s", "estimated", "bandwidth-bound decode")
         figures["ttft"] = Figure(est["ttft_ms"], "ms", "estimated", "compute-bound prefill")
         figures["latency_p90"] = Figure(est["decode_step_ms"], "ms", "estimated", "one decode step")
@@ -156,34 +150,29 @@ def profile_decoder(model: onnx.ModelProto, model_path: Path, target: Target, di
                                      f"baseline + weights + KV cache at {dims['context_length']} tokens")
         return profile, figures
     n = threads or target.runtime.threads
-    from edgecompress.profiling.transport import figure_source, record_out_of_memory
+    from edgecompress.profiling.transport import OutOfMemory, figure_source, model_files, record_out_of_memory
 
-    section, source = figure_source(target, on_device=device is not None)
-    where, extra = "", {}
-    if device is not None:
-        from edgecompress.profiling.ssh import profile_on_device
+    section, source = figure_source(target, on_device=transport.on_device)
+    files = model_files(model_path) if transport.on_device else [model_path]
+    extra: dict[str, Any] = {}
+    where = ""
 
-
-        def run(t: int) -> dict[str, Any]:
-            r = profile_on_device(model_path, _spec(model_path, t, dims, vocab_size, 3), device)
-            extra.update({"device": r.device, "url": str(device.url), "remote_python": r.remote_python,
-                          "remote_dir_removed": r.removed, "warnings": r.warnings})
-            return r.result
-
-        where = f" on {device.url.name}"
-    else:
-        def run(t: int) -> dict[str, Any]:
-            return measure_decoder(model_path, t, dims, vocab_size, cores, memory_mb=memory_cap_mb)
-
-    from edgecompress.profiling.local import OutOfMemory
+    def run(t: int) -> dict[str, Any]:
+        r = transport.run(files, _spec(model_path, t, dims, vocab_size, 3))
+        if not transport.on_device:
+            return {**r.result, "limits": r.limits}
+        extra.update({**r.device, "warnings": r.warnings})
+        return r.result
 
     try:
         runs = {1: run(1)}
         if n != 1:
             runs[n] = run(n)
     except OutOfMemory as e:
-        record_out_of_memory(profile, figures, section, source, e.cap_mb)
+        record_out_of_memory(profile, figures, section, source, e, target)
         return profile, figures
+    if transport.on_device:
+        where = f" on {extra.get('device')}"
     main = runs[n]
     # the runner's cache only grew to prompt + new tokens; the budget is for the target's whole context
     kv_seen = dims["kv_bytes_per_token"] * (dims["prompt_length"] + dims["new_tokens"])

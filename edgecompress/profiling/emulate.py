@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from edgecompress.errors import ConfigError, ProfileError, UsageError
+from edgecompress.profiling.local import parse_runner_output
+from edgecompress.profiling.transport import RunnerRun, job_spec, out_of_memory
 from edgecompress.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -265,6 +267,62 @@ def _remove_root(d: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------ run
 
 
+@dataclass
+class EmulatorTransport:
+    """The arm64 root under qemu-user as a RunnerTransport: the files and runner.py copied into a job dir inside
+    the root, run with QEMU_CPU=cpu, the runner's JOB_FILES outputs brought back to `fetch_to`, the job dir
+    removed. A runner error is returned, not raised: whether the model loads and runs there is what it asks."""
+
+    cpu: str
+    timeout_s: float = 1800
+    fetch_to: Path | None = None
+    on_device: bool = False  # numerics only: never a timing or memory figure
+
+    def run(self, files: list[Path], spec: dict[str, Any]) -> RunnerRun:
+        emu = Emulator(emulator_dir())
+        if emu.ready() is None:
+            raise UsageError("the Arm emulator is not set up", hint=SETUP_HINT)
+        _check_host()
+        with _lock(emu.root):
+            ensure_binfmt()
+            job_rel = f"tmp/edgecompress-{uuid.uuid4().hex[:12]}"
+            job = emu.rootfs / job_rel
+            job.mkdir(parents=True)
+            try:
+                for f in files:
+                    shutil.copy2(f, job / f.name)
+                shutil.copy2(RUNNER, job / "runner.py")
+                spec = job_spec(spec, f"/{job_rel}", f"/{job_rel}/{files[0].name}")
+                spec.pop("work_dir")  # the fidelity mode writes only the named outputs
+                (job / "spec.json").write_text(json.dumps(spec))
+                env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "QEMU_CPU": self.cpu,
+                       "OMP_NUM_THREADS": str(spec.get("threads") or 1), "LANG": "C.UTF-8"}
+                with _proc_mounted(emu.rootfs):
+                    try:
+                        proc = subprocess.run(["chroot", str(emu.rootfs), f"{VENV}/bin/python", "-I",
+                                               f"/{job_rel}/runner.py", f"/{job_rel}/spec.json"],
+                                              capture_output=True, text=True, env=env, timeout=self.timeout_s)
+                    except subprocess.TimeoutExpired:
+                        raise ProfileError(f"the emulated run took over {self.timeout_s:.0f} s",
+                                           hint="give fewer texts (--texts)") from None
+                result = parse_runner_output(proc.stdout)
+                if result is None:
+                    oom = out_of_memory(cap_mb=None, killed=proc.returncode in (-9, 137), where=" under emulation")
+                    if oom is not None:
+                        raise oom
+                    tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+                    raise ProfileError(f"the emulated runner failed: {tail[:300]}")
+                fetched: dict[str, Path] = {}
+                for key in ("outputs", "optimized_model_path"):
+                    name = Path(str(spec.get(key) or "")).name
+                    if spec.get(key) and (job / name).is_file() and self.fetch_to is not None:
+                        self.fetch_to.mkdir(parents=True, exist_ok=True)
+                        fetched[key] = Path(shutil.copy2(job / name, self.fetch_to / name))
+            finally:
+                shutil.rmtree(job, ignore_errors=True)
+        return RunnerRun(result, fetched=fetched)
+
+
 def run_in_emulator(model_files: list[Path], batches: list[dict[str, np.ndarray]], cpu: str, *,
                     threads: int = 1, timeout_s: float = 1800, optimized_to: Path | None = None
                     ) -> tuple[dict[str, Any], list[dict[str, np.ndarray]], dict[str, int]]:
@@ -273,53 +331,27 @@ def run_in_emulator(model_files: list[Path], batches: list[dict[str, np.ndarray]
 
     Returns (runner result, outputs per batch by output name, op histogram of the graph ORT optimized there).
     """
-    emu = Emulator(emulator_dir())
-    if emu.ready() is None:
-        raise UsageError("the Arm emulator is not set up", hint=SETUP_HINT)
-    _check_host()
-    with _lock(emu.root):
-        ensure_binfmt()
-        job_rel = f"tmp/edgecompress-{uuid.uuid4().hex[:12]}"
-        job = emu.rootfs / job_rel
-        job.mkdir(parents=True)
-        try:
-            for f in model_files:
-                shutil.copy2(f, job / f.name)
-            shutil.copy2(RUNNER, job / "runner.py")
-            arrays: dict[str, Any] = {f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()}
-            np.savez(job / "inputs.npz", **arrays)
-            spec = {"mode": "fidelity", "model": f"/{job_rel}/{model_files[0].name}",
-                    "batches": f"/{job_rel}/inputs.npz", "n_batches": len(batches),
-                    "outputs": f"/{job_rel}/outputs.npz", "threads": threads,
-                    "optimized_model_path": f"/{job_rel}/optimized.onnx"}
-            (job / "spec.json").write_text(json.dumps(spec))
-            env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "QEMU_CPU": cpu, "OMP_NUM_THREADS": str(threads),
-                   "LANG": "C.UTF-8"}
-            with _proc_mounted(emu.rootfs):
-                try:
-                    proc = subprocess.run(["chroot", str(emu.rootfs), f"{VENV}/bin/python", "-I",
-                                           f"/{job_rel}/runner.py", f"/{job_rel}/spec.json"],
-                                          capture_output=True, text=True, env=env, timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    raise ProfileError(f"the emulated run took over {timeout_s:.0f} s",
-                                       hint="give fewer texts (--texts)") from None
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if not lines:
-                tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-                raise ProfileError(f"the emulated runner failed: {tail[:300]}")
-            result: dict[str, Any] = json.loads(lines[-1])
-            outputs: list[dict[str, np.ndarray]] = []
-            ops: dict[str, int] = {}
-            if result.get("ok"):
-                with np.load(job / "outputs.npz") as z:
-                    outputs = [{n: z[f"{i}/{n}"] for n in result["outputs"]} for i in range(len(batches))]
-            if (job / "optimized.onnx").is_file():
-                ops = op_histogram(job / "optimized.onnx")
-                if optimized_to is not None:
-                    optimized_to.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(job / "optimized.onnx", optimized_to)
-        finally:
-            shutil.rmtree(job, ignore_errors=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgecompress-emulate-") as tmp:
+        inputs = Path(tmp) / "in" / "inputs.npz"
+        inputs.parent.mkdir()
+        arrays: dict[str, Any] = {f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()}
+        np.savez(inputs, **arrays)
+        spec = {"mode": "fidelity", "batches": "inputs.npz", "n_batches": len(batches), "outputs": "outputs.npz",
+                "threads": threads, "optimized_model_path": "optimized.onnx"}
+        run = EmulatorTransport(cpu, timeout_s, fetch_to=Path(tmp) / "out").run([*model_files, inputs], spec)
+        result = run.result
+        outputs: list[dict[str, np.ndarray]] = []
+        ops: dict[str, int] = {}
+        if result.get("ok"):
+            with np.load(run.fetched["outputs"]) as z:
+                outputs = [{n: z[f"{i}/{n}"] for n in result["outputs"]} for i in range(len(batches))]
+        if "optimized_model_path" in run.fetched:
+            ops = op_histogram(run.fetched["optimized_model_path"])
+            if optimized_to is not None:
+                optimized_to.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(run.fetched["optimized_model_path"], optimized_to)
     return result, outputs, ops
 
 

@@ -4,7 +4,8 @@ The process can be made to look more like the target: pinned to the target's cor
 capped to match), and capped at the target's usable RAM with a cgroup-v1 memory child of our own cgroup. Where a
 cap cannot be applied the run goes ahead and the profile says so (`limits.warnings`). An out-of-memory kill under
 the cap is a result, not a crash: `OutOfMemory` carries the cap, and the caller fails the peak_ram budget with it.
-Layering: imports errors only (plus onnx for the inputs); ssh.py reuses the spec and result helpers.
+`LocalTransport` is this host's RunnerTransport (profiling/transport.py). Layering: imports errors and
+profiling.transport only (plus onnx for the inputs); ssh.py reuses the spec and result helpers.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ import numpy as np
 import onnx
 
 from edgecompress.errors import ProfileError
+from edgecompress.profiling.transport import OutOfMemory, RunnerRun, job_spec, out_of_memory
+
+__all__ = ["OutOfMemory"]  # re-exported: it used to live here
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +42,6 @@ CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
 _ONNX_TO_NUMPY = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
                   onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                   onnx.TensorProto.BOOL: "bool"}
-
-
-class OutOfMemory(ProfileError):
-    """The runner was killed by the memory cap: the model does not fit the target's usable RAM."""
-
-    def __init__(self, message: str, hint: str | None = None, cap_mb: float = 0.0) -> None:
-        super().__init__(message, hint)
-        self.cap_mb = cap_mb
-
-    def __reduce__(self) -> tuple[type, tuple[str, str | None, float]]:  # type: ignore[override]
-        return (type(self), (self.message, self.hint, self.cap_mb))
 
 
 @dataclass
@@ -336,39 +329,78 @@ def collect_stale_cgroups(parent: Path) -> list[Path]:
 def run_runner(spec: dict[str, Any], timeout_s: float = 600.0, *, cores: int | None = None,
                memory_mb: float | None = None, cgroup_root: Path = CGROUP_V1_MEMORY
                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run runner.py on `spec` in a new process with only numpy and onnxruntime loaded: (result, limits)."""
-    collect_stale_temp_dirs()
-    with tempfile.TemporaryDirectory(prefix=f"{_TMP_PREFIX}{os.getpid()}-") as tmp:
-        spec = {**spec, "work_dir": tmp}
-        spec_path = Path(tmp) / "spec.json"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-        env["OMP_NUM_THREADS"] = str(spec.get("threads") or 1)
-        base = [sys.executable, "-I", str(RUNNER), str(spec_path)]
-        with limited_command(base, cores=cores, memory_mb=memory_mb, cgroup_root=cgroup_root) as (cmd, limits, cap):
-            if limits.get("pinning") == "sched_setaffinity":
-                spec["cpu_affinity"] = limits["cpus"]
-            spec_path.write_text(json.dumps(spec))
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-            except subprocess.TimeoutExpired:
-                raise ProfileError(f"profiling took longer than {timeout_s:.0f} s", hint="lower --runs") from None
-            cgroup = cap.stats()
-    if cgroup:
-        limits["cgroup"] = cgroup
-    result = parse_runner_output(proc.stdout)
-    capped = limits.get("memory_cap_mb")
-    oom_text = result is not None and any(s in str(result.get("error", "")) for s in ("bad_alloc", "allocate"))
-    if capped and (proc.returncode in (-9, 137) or cgroup.get("oom_kills") or oom_text):
-        raise OutOfMemory(f"out of memory: the model does not run within {capped:.0f} MB",
-                          hint="the target's usable RAM; choose a smaller recipe", cap_mb=capped)
-    if proc.returncode in (-9, 137):
-        raise ProfileError("the profiled process was killed (out of memory?)")
-    if result is None:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ProfileError(f"the profiler process failed: {tail}")
-    if not result.get("ok"):
-        raise ProfileError(result.get("error", "the profiler process failed"))
-    return result, limits
+    """Run runner.py on `spec` (its "model" as given) in a new process with only numpy and onnxruntime loaded:
+    (result, limits)."""
+    run = LocalTransport(cores, memory_mb, timeout_s, cgroup_root).launch(spec, str(spec["model"]), [])
+    return run.result, run.limits
+
+
+@dataclass
+class LocalTransport:
+    """This host's RunnerTransport: runner.py in a fresh process, the model read in place (other files are copied
+    into the job dir), pinned to `cores` and capped at `memory_mb` where the host allows. `fetch_to`: where the
+    runner's JOB_FILES outputs are brought back to (RunnerRun.fetched)."""
+
+    cores: int | None = None
+    memory_mb: float | None = None
+    timeout_s: float = 600.0
+    cgroup_root: Path = CGROUP_V1_MEMORY
+    fetch_to: Path | None = None
+    on_device: bool = False
+
+    def run(self, files: list[Path], spec: dict[str, Any]) -> RunnerRun:
+        model = files[0]
+        return self.launch(spec, str(model), [f for f in files[1:] if not f.is_relative_to(model.parent)])
+
+    def launch(self, spec: dict[str, Any], model: str, extra: list[Path]) -> RunnerRun:
+        collect_stale_temp_dirs()
+        with tempfile.TemporaryDirectory(prefix=f"{_TMP_PREFIX}{os.getpid()}-") as tmp:
+            for f in extra:
+                shutil.copy2(f, Path(tmp) / f.name)
+            spec = job_spec(spec, tmp, model)
+            spec_path = Path(tmp) / "spec.json"
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+            env["OMP_NUM_THREADS"] = str(spec.get("threads") or 1)
+            base = [sys.executable, "-I", str(RUNNER), str(spec_path)]
+            with limited_command(base, cores=self.cores, memory_mb=self.memory_mb,
+                                 cgroup_root=self.cgroup_root) as (cmd, limits, cap):
+                if limits.get("pinning") == "sched_setaffinity":
+                    spec["cpu_affinity"] = limits["cpus"]
+                spec_path.write_text(json.dumps(spec))
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s, env=env)
+                except subprocess.TimeoutExpired:
+                    raise ProfileError(f"profiling took longer than {self.timeout_s:.0f} s",
+                                       hint="lower --runs") from None
+                cgroup = cap.stats()
+            fetched = _fetch(spec, Path(tmp), self.fetch_to)
+        if cgroup:
+            limits["cgroup"] = cgroup
+        result = parse_runner_output(proc.stdout)
+        oom = out_of_memory(cap_mb=limits.get("memory_cap_mb"), killed=proc.returncode in (-9, 137),
+                            oom_kills=cgroup.get("oom_kills", 0),
+                            error=str(result.get("error", "")) if result is not None else "")
+        if oom is not None:
+            raise oom
+        if result is None:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ProfileError(f"the profiler process failed: {tail}")
+        if not result.get("ok"):
+            raise ProfileError(result.get("error", "the profiler process failed"))
+        return RunnerRun(result, limits=limits, fetched=fetched)
+
+
+def _fetch(spec: dict[str, Any], job: Path, to: Path | None) -> dict[str, Path]:
+    """Copy the runner's JOB_FILES outputs that exist in the job dir to `to` (before the job dir goes)."""
+    out: dict[str, Path] = {}
+    if to is None:
+        return out
+    for key in ("outputs", "optimized_model_path"):
+        src = Path(str(spec.get(key) or ""))
+        if spec.get(key) and src.parent == job and src.is_file():
+            to.mkdir(parents=True, exist_ok=True)
+            out[key] = Path(shutil.copy2(src, to / src.name))
+    return out
 
 
 def profile_local(model_path: Path, *, dims: dict[str, int], vocab_size: int | None, threads: int,
@@ -382,6 +414,6 @@ def profile_local(model_path: Path, *, dims: dict[str, int], vocab_size: int | N
     spec = runner_spec(str(model_path), input_specs(model_path, dims, vocab_size), threads=threads, runs=runs,
                        warmup=warmup, min_seconds=min_seconds, op_profile_runs=op_profile_runs,
                        optimized_model_path=str(optimized_model_path) if optimized_model_path else None)
-    r, limits = run_runner(spec, cores=cores, memory_mb=memory_cap_mb, cgroup_root=cgroup_root)
-    limits["threads"] = threads
-    return HostProfile.from_result(r, dims, limits)
+    run = LocalTransport(cores, memory_cap_mb, cgroup_root=cgroup_root).run([model_path], spec)
+    run.limits["threads"] = threads
+    return HostProfile.from_result(run.result, dims, run.limits)

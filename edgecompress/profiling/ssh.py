@@ -3,7 +3,8 @@
 The only module that imports asyncssh. Host keys are checked against known_hosts (the user's, or --known-hosts)
 unless the caller explicitly accepts any key. Every remote command is a list of arguments joined with shlex; no
 user text is ever spliced into a shell string. The remote temp dir is removed in a `finally`, on failure too.
-Layering: imports errors and profiling.local (the runner spec and result helpers) only.
+`SshTransport` is a lab device's RunnerTransport (profiling/transport.py).
+Layering: imports errors, profiling.transport and profiling.local (the runner spec and result helpers) only.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import logging
 import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-
-import onnx
 
 from edgecompress.errors import (
     DeviceAuthError,
@@ -29,6 +28,7 @@ from edgecompress.errors import (
     ProfileError,
 )
 from edgecompress.profiling.local import RUNNER, parse_runner_output
+from edgecompress.profiling.transport import RunnerRun, job_spec, model_files, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -109,27 +109,24 @@ class DeviceRun:
     warnings: list[str] = field(default_factory=list)
 
 
-def model_files(model_path: Path) -> list[Path]:
-    """model.onnx and its external-data files (relative names only: a location may not climb out)."""
-    m = onnx.load(str(model_path), load_external_data=False)
-    names: set[str] = set()
-    for init in m.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            for kv in init.external_data:
-                if kv.key == "location":
-                    names.add(kv.value)
-    files = [model_path]
-    for name in sorted(names):
-        p = PurePosixPath(name)
-        if p.is_absolute() or ".." in p.parts:
-            raise ProfileError(f"external data location '{name}' is not inside the bundle")
-        files.append(model_path.parent / name)
-    return files
-
-
 def profile_on_device(model_path: Path, spec: dict[str, Any], dev: DeviceOptions) -> DeviceRun:
     """Run the runner on `spec` on the device (spec's "model" is replaced by the uploaded copy's path)."""
-    return asyncio.run(_profile(model_path, spec, dev))
+    return asyncio.run(_profile(model_files(model_path), spec, dev))
+
+
+@dataclass
+class SshTransport:
+    """A lab device's RunnerTransport: the files and runner.py uploaded into a fresh remote temp dir (removed
+    afterwards, on failure too), the runner run with the device's python, its JSON fetched."""
+
+    dev: DeviceOptions
+    on_device: bool = True
+
+    def run(self, files: list[Path], spec: dict[str, Any]) -> RunnerRun:
+        r = asyncio.run(_profile(files, spec, self.dev))
+        return RunnerRun(r.result, device={"device": r.device, "url": str(self.dev.url),
+                                           "remote_python": r.remote_python, "remote_dir_removed": r.removed},
+                         warnings=r.warnings)
 
 
 def _known_hosts(dev: DeviceOptions, warnings: list[str]) -> Any:
@@ -207,11 +204,11 @@ async def _run(conn: Any, argv: list[str], timeout: float | None) -> Any:
     return await conn.run(shlex.join(argv), check=False, timeout=timeout)
 
 
-async def _profile(model_path: Path, spec: dict[str, Any], dev: DeviceOptions) -> DeviceRun:
+async def _profile(files: list[Path], spec: dict[str, Any], dev: DeviceOptions) -> DeviceRun:
+    """files: the model first, then its external data (uploaded beside it), then any other file (by name)."""
     import asyncssh
 
     warnings: list[str] = []
-    files = model_files(model_path)
     conn = await _connect(dev, warnings)
     run = DeviceRun(result={}, device=dev.url.name, remote_python=dev.remote_python, warnings=warnings)
     short = max(10.0, dev.connect_timeout_s)
@@ -244,10 +241,12 @@ async def _run_in(conn: Any, dev: DeviceOptions, run: DeviceRun, files: list[Pat
                   remote: str) -> None:
     import asyncssh
 
-    spec = {**spec, "model": f"{remote}/{files[0].name}", "work_dir": remote}
+    spec = job_spec(spec, remote, f"{remote}/{files[0].name}")
     async with conn.start_sftp_client() as sftp:
         for f in files:
-            await sftp.put(str(f), f"{remote}/{f.relative_to(files[0].parent).as_posix()}")
+            beside = f.is_relative_to(files[0].parent)  # the model's external data keep their relative paths
+            name = f.relative_to(files[0].parent).as_posix() if beside else f.name
+            await sftp.put(str(f), f"{remote}/{name}")
         await sftp.put(str(RUNNER), f"{remote}/runner.py")
         async with sftp.open(f"{remote}/spec.json", "w") as fh:
             await fh.write(json.dumps(spec))
@@ -267,8 +266,10 @@ async def _run_in(conn: Any, dev: DeviceOptions, run: DeviceRun, files: list[Pat
                            hint="raise --run-timeout, or lower --runs") from None
     result = parse_runner_output(str(proc.stdout or ""))
     if result is None:
-        if proc.exit_status in (137, None) or proc.exit_signal:
-            raise ProfileError(f"the runner on {dev.url.name} was killed (out of memory?)")
+        oom = out_of_memory(cap_mb=None, killed=proc.exit_status in (137, None) or bool(proc.exit_signal),
+                            where=f" on {dev.url.name}")
+        if oom is not None:
+            raise oom
         tail = (str(proc.stderr or "").strip().splitlines() or ["no output"])[-1]
         raise ProfileError(f"the runner on {dev.url.name} failed: {tail}")
     if result.get("error_kind") == "missing-dependency":

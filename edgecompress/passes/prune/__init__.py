@@ -44,7 +44,7 @@ import onnx
 from edgecompress.distill.surgery import Cut
 from edgecompress.errors import PassError
 from edgecompress.graph import GraphIndex
-from edgecompress.passes.base import Batch, Pass, PassContext, PassResult, Skip, register, skips
+from edgecompress.passes.base import Batch, Pass, PassContext, PassResult, Skip, TaskTraits, register, skips
 from edgecompress.passes.options import BLOCK_SIZE, Option, option, validate_config
 from edgecompress.passes.prune.flops import _unit_macs, matmul_flops
 from edgecompress.passes.prune.obs import _augmented_weight, allocate, refit, removal_curve
@@ -138,9 +138,9 @@ class StructuredPrune(Pass[PruneConfig]):
     name = "prune"
 
     @classmethod
-    def configure(cls, values: Mapping[str, Any], task: str | None) -> PruneConfig:
+    def configure(cls, values: Mapping[str, Any], task: TaskTraits) -> PruneConfig:
         cfg = super().configure(values, task)
-        if task == DECODER_TASK:  # a pruned down_proj keeps K a multiple of the decoder kernels' block
+        if task.aligns_to_weight_block:  # a pruned down_proj keeps K a multiple of the decoder kernels' block
             cfg = replace(cfg, keep_multiple=values.get("block_size", BLOCK_SIZE.default))
         return cfg
 
