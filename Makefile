@@ -53,6 +53,7 @@ bench-sweep: install
 
 bench-prune: install
 	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/pruning.py
+	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/pruning_distill.py
 
 bench-quant: install
 	flock /tmp/edgecompress-bench.lock $(PY) benchmarks/quantization.py

@@ -263,6 +263,34 @@ def export_onnx(model_dir: Path, info: ModelInfo, out_dir: Path, opset: int | No
                         files=sorted(p.name for p in out_dir.iterdir()))
 
 
+def load_torch_model(model_dir: Path, task: str) -> Any:
+    """The source model in PyTorch FP32 (the transformers class its export uses), in eval mode: for training it
+    (edgecompress/distill), the one place besides the references that loads PyTorch weights."""
+    if task in DECODER_TASKS:
+        return DecoderReference(model_dir).model
+    return TorchReference(model_dir, task).model
+
+
+def export_torch_model(model: Any, task: str, out_dir: Path, opset: int | None = None) -> Path:
+    """optimum's exporter on an in-memory PyTorch model (a pruned, distilled student whose layers no longer match
+    its config, so it cannot round-trip through from_pretrained) into out_dir/model.onnx. The same exporter as
+    export_onnx (main_export ends in this call), so the graph has the same patterns for the passes that follow."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    try:
+        with quiet_libraries():
+            onnx_export_from_model(model, output=str(out_dir), task=task, opset=opset, do_validation=False)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"optimum could not export the distilled model: {first}") from e
+    path = out_dir / "model.onnx"
+    if not path.is_file():
+        raise ExportError(f"optimum wrote no model.onnx into {out_dir}")
+    return path
+
+
 def _copy_onnx(src: Path, out_dir: Path, t0: float, task: str = ONNX_TASK) -> ExportResult:
     import shutil
 
@@ -316,7 +344,8 @@ def load_tokenizer(model_dir: Path) -> Any:
 class TorchReference:
     """The source model in PyTorch FP32: the reference every number is checked against."""
 
-    def __init__(self, model_dir: Path, task: str) -> None:
+    def __init__(self, model_dir: Path | None, task: str, model: Any = None) -> None:
+        """From a model dir, or around an in-memory `model` (a distilled student, checked against its export)."""
         import torch
         from transformers import (
             AutoModel,
@@ -325,14 +354,18 @@ class TorchReference:
             AutoModelForSequenceClassification,
         )
 
+        self.output_name = SUPPORTED_TASKS[task]
+        self._torch = torch
+        if model is not None:
+            self.model = model
+            return
+        assert model_dir is not None
         cls = {"text-classification": AutoModelForSequenceClassification,
                tasknames.IMAGE_CLASSIFICATION: AutoModelForImageClassification,
                tasknames.OBJECT_DETECTION: AutoModelForObjectDetection}.get(task, AutoModel)
         with quiet_libraries():
             self.model = cls.from_pretrained(str(model_dir), local_files_only=True, torch_dtype=torch.float32)
         self.model.eval()
-        self.output_name = SUPPORTED_TASKS[task]
-        self._torch = torch
 
     def __call__(self, batch: Batch) -> np.ndarray:
         return self.outputs(batch, [self.output_name])[0]

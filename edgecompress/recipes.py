@@ -248,6 +248,11 @@ def _check_applicable(name: str, task: str | None, classes: list[type[Pass[Any]]
     enabling = {opt.name for cls in structural_classes() for _, (opt, _) in field_options(cls.config_class).items()
                 if opt.enables}
     for knob in options.given:
+        need = knobs()[knob].only_with
+        if need is not None and options.given.get(need[0]) != need[1]:
+            wanted = f"{options.label(need[0])}{'=' if options.source == 'api' else ' '}{need[1]}"
+            raise ConfigError(f"{options.label(knob)} does nothing without {wanted}",
+                              hint=f"give {wanted}, or leave {options.label(knob)} out")
         if knob in read or knob in enabling:
             continue
         owners = [cls for cls in structural_classes()

@@ -10,11 +10,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_origin
 
 import numpy as np
 import onnx
 
+from edgecompress.progress import NullProgress, Progress
 from edgecompress.targets import Target
 
 # A batch as fed to onnxruntime: input name -> array (fixed shape within the batch).
@@ -57,6 +59,13 @@ class PassContext:
     log: Callable[[str], None] = field(default=lambda msg: None)
     # identifies the calibration data (texts and tokenization); part of every pass's cache key
     calibration_id: str = ""
+    # the source model directory with trainable weights (an HF checkpoint), for passes that train (pruning with
+    # distillation); None for an .onnx or GGUF source. Its content is already in the pass's cache key (the export's).
+    source: Path | None = None
+    # what the calibration texts are (source, count, sha256), for reports of passes that train on them
+    calibration_data: dict[str, Any] = field(default_factory=dict)
+    # long passes report their progress here (the CLI shows it)
+    progress: Progress = field(default_factory=NullProgress)
 
 
 @dataclass
@@ -148,6 +157,11 @@ class Pass(ABC, Generic[C]):
     @abstractmethod
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult: ...
 
+    def trains(self) -> bool:
+        """Whether this pass trains the source's PyTorch weights (it then needs ctx.source: the pipeline refuses an
+        .onnx or GGUF source before any work)."""
+        return False
+
     def cache_context(self, ctx: PassContext) -> dict[str, Any]:
         """What of the context the output depends on, for the cache key. Conservative: everything a pass could read.
 
@@ -221,7 +235,6 @@ def registered() -> list[type[Pass[Any]]]:
     without being listed anywhere), by `order`."""
     import importlib
     import pkgutil
-    from pathlib import Path
 
     for mod in pkgutil.walk_packages([str(Path(__file__).parent)], __name__.rpartition(".")[0] + "."):
         importlib.import_module(mod.name)

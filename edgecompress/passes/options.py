@@ -42,6 +42,9 @@ class Option:
     enables: bool = False
     # the knob's default where a field's own default means something else (int4's calibration_samples=0: all)
     default: Any = None
+    # (knob, value): this knob does something only when that knob is given that value (--distill-steps needs
+    # --prune-recovery distill); giving it otherwise is an error, as for a knob the recipe does not read
+    only_with: tuple[str, Any] | None = None
 
     @property
     def flag(self) -> str:

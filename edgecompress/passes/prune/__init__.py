@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgecompress.distill.surgery import Cut
 from edgecompress.errors import PassError
 from edgecompress.graph import GraphIndex
 from edgecompress.passes.base import (
@@ -72,8 +73,17 @@ PRUNE_HEADS = Option("prune_heads", "Remove this share of attention heads, in [0
                      high_open=True, hint=_RATIO_HINT, enables=True)
 PRUNE_SCHEDULE = Option("prune_schedule", "Per-layer pruning ratios: uniform, or adaptive to layer sensitivity.",
                         choices=("uniform", "adaptive"))
-PRUNE_RECOVERY = Option("prune_recovery", "Recovery after pruning: none, bias compensation, or least-squares "
-                        "refit.", choices=("none", "bias", "refit"))
+PRUNE_RECOVERY = Option("prune_recovery", "Recovery after pruning: none, bias compensation, least-squares refit, "
+                        "or refit then a short knowledge distillation from the FP32 model (PyTorch, CPU; "
+                        "edgecompress/distill).", choices=("none", "bias", "refit", "distill"))
+DISTILL_STEPS = Option("distill_steps", "Distillation: optimizer steps (batches of 16 calibration texts).", int,
+                       low=0, high=100_000, hint="e.g. 400; 0 gives the refit model re-exported from PyTorch",
+                       only_with=("prune_recovery", "distill"))
+DISTILL_MINUTES = Option("distill_minutes", "Distillation: hard wall-clock cap in minutes; training stops there "
+                         "whatever --distill-steps says.", float, low=0.0, high=24 * 60.0, low_open=True,
+                         hint="e.g. 8", only_with=("prune_recovery", "distill"))
+DISTILL_LR = Option("distill_lr", "Distillation: peak AdamW learning rate (linear warm-up, then cosine decay).",
+                    float, low=0.0, high=1.0, low_open=True, hint="e.g. 1e-4", only_with=("prune_recovery", "distill"))
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,10 @@ class PruneConfig:
     # uniform: the ratio in every layer; adaptive: a global budget spent by sensitivity
     schedule: str = option("uniform", PRUNE_SCHEDULE)
     recovery: str = option("refit", PRUNE_RECOVERY)
+    # recovery "distill" only (benchmarks/results/pruning.md: the defaults fit MiniLM in < 10 min on 2 cores)
+    distill_steps: int = option(400, DISTILL_STEPS)
+    distill_minutes: float = option(8.0, DISTILL_MINUTES)
+    distill_lr: float = option(1e-4, DISTILL_LR)
     ridge: float = 1e-2  # refit damping, relative to the mean diagonal of the Gram matrix
     max_layer_ratio: float = 0.9  # adaptive: no layer loses more than this share
     # at most this many calibration batches (8 texts each). The statistics stream into fixed-size Gram matrices, so
@@ -97,6 +111,11 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         validate_config(self, "prune")
+
+    @property
+    def one_shot(self) -> str:
+        """The graph-level recovery: distillation starts from the refit model (same importance, same shapes)."""
+        return "refit" if self.recovery == "distill" else self.recovery
 
 
 # ------------------------------------------------------------------------------------------------------------ pass
@@ -139,6 +158,10 @@ class StructuredPrune(Pass[PruneConfig]):
         if task.aligns_to_weight_block:  # a pruned down_proj keeps K a multiple of the decoder kernels' block
             cfg = replace(cfg, keep_multiple=values.get("block_size", BLOCK_SIZE.default))
         return cfg
+
+    def trains(self) -> bool:
+        cfg: PruneConfig = self.config
+        return cfg.recovery == "distill" and (cfg.ffn_ratio > 0 or cfg.head_ratio > 0)
 
     def find(self, model: onnx.ModelProto) -> tuple[list[Block], list[Skip]]:
         """Blocks of the kinds asked for; PassError when a kind asked for has none."""
@@ -183,10 +206,10 @@ class StructuredPrune(Pass[PruneConfig]):
                 cap = min(cap, b.units - 1)
                 if cfg.schedule == "uniform":
                     cap = _aligned_removal(b, cap, cfg.keep_multiple, nearest=True)
-                key = (b.key, cfg.recovery, cfg.ridge)
+                key = (b.key, cfg.one_shot, cfg.ridge)
                 order, curve = cache.get(key, ([], np.zeros(1)))
                 if len(order) < cap:
-                    order, curve = removal_curve(b, stats[b.key], _augmented_weight(idx, b), cfg.recovery,
+                    order, curve = removal_curve(b, stats[b.key], _augmented_weight(idx, b), cfg.one_shot,
                                                  cfg.ridge, cap)
                     cache[key] = (order, curve)
                 # end-to-end sensitivity (measured by probing) rescales the layer-local loss so layers compare
@@ -211,8 +234,9 @@ class StructuredPrune(Pass[PruneConfig]):
         return Plan(blocks, remove, loss)
 
     def apply(self, model: onnx.ModelProto, plan: Plan, stats: dict[str, LayerStats],
-              check: bool = True) -> PassResult:
-        """The pruned model. `check=False` (sensitivity probes) skips shape inference, the checker and FLOPs."""
+              check: bool = True, cuts: list[Cut] | None = None) -> PassResult:
+        """The pruned model. `check=False` (sensitivity probes) skips shape inference, the checker and FLOPs.
+        `cuts` collects each block's decision (kept units, refit weights) for the PyTorch student (distillation)."""
         cfg: PruneConfig = self.config
         out = onnx.ModelProto()
         out.CopyFrom(model)
@@ -233,15 +257,19 @@ class StructuredPrune(Pass[PruneConfig]):
             st = stats[b.key]
             w_aug = _augmented_weight(idx, b)
             cols = b.columns(keep)
-            if cfg.recovery == "refit":
+            if cfg.one_shot == "refit":
                 new_w = refit(st, w_aug, cols, cfg.ridge)
             else:
                 gone = b.columns(rem)
                 new_w = np.concatenate([w_aug[cols], w_aug[-1:]], axis=0)
-                if cfg.recovery == "bias":
+                if cfg.one_shot == "bias":
                     mean = st.gram[-1, gone] / max(st.count, 1.0)
                     new_w[-1] += mean @ w_aug[gone]
             _apply_block(wr, idx, twins[b.key], keep, new_w)
+            if cuts is not None:
+                cuts.append(Cut(b.kind, [idx.array(p.weight) for p in b.producers], idx.array(b.consumer.weight),
+                                keep, b.unit_size, new_w[:-1].astype(np.float32), new_w[-1].astype(np.float32),
+                                b.label))
             d_model = _dims(idx, b.consumer)[1]
             removed = len(rem) * b.unit_size
             params = removed * (sum(_dims(idx, p)[0] + (1 if p.bias else 0) for p in b.producers) + d_model)
@@ -263,7 +291,7 @@ class StructuredPrune(Pass[PruneConfig]):
         linear = matmul_flops(model, seq, attention=False)
         report: dict[str, Any] = {
             "ffn_ratio": cfg.ffn_ratio, "head_ratio": cfg.head_ratio, "schedule": cfg.schedule,
-            "recovery": cfg.recovery, "importance": ("greedy OBS on calibration Gram matrix" if cfg.recovery == "refit"
+            "recovery": cfg.recovery, "importance": ("greedy OBS on calibration Gram matrix" if cfg.one_shot == "refit"
                                                      else "activation fluctuation x weight norm"),
             "layers": layers,
             "params_removed": sum(r["params_removed"] for r in layers),
@@ -293,15 +321,44 @@ class StructuredPrune(Pass[PruneConfig]):
         tokens = next(iter(stats.values())).tokens if stats else 0
         ctx.log(f"pruning statistics: {tokens} calibration tokens, {len(blocks)} blocks, "
                 f"{time.perf_counter() - t0:.0f} s")
-        result = self.prune(model, blocks, stats, ctx.calibration)
+        cuts: list[Cut] = []
+        result = self.prune(model, blocks, stats, ctx.calibration, cuts=cuts)
         result.report["skipped"] = [*result.report.get("skipped", []), *skips(*skipped)]
         result.report["calibration_tokens"] = tokens
+        if cfg.recovery == "distill" and result.modified:
+            result = self.distill(model, result, cuts, ctx)
         return result
+
+    def distill(self, model: onnx.ModelProto, pruned: PassResult, cuts: list[Cut], ctx: PassContext) -> PassResult:
+        """The graph pass's decision applied to the PyTorch source, distilled from the FP32 model on the
+        calibration texts and exported again (edgecompress/distill)."""
+        from edgecompress.distill import Settings, distill
+
+        cfg: PruneConfig = self.config
+        if ctx.source is None or ctx.calibration is None:
+            raise PassError("--prune-recovery distill needs the source model's trainable weights and calibration "
+                            "texts", hint="give a Hugging Face model directory, or use --prune-recovery refit")
+        settings = Settings(steps=cfg.distill_steps, minutes=cfg.distill_minutes, lr=cfg.distill_lr, seed=ctx.seed,
+                            max_texts=cfg.calibration_batches * 8)
+        student, report = distill(ctx.source, ctx.info.task, cuts, ctx.calibration(), settings, ctx.progress,
+                                  ctx.log)
+        seq = cfg.reference_seq
+        before, after = matmul_flops(model, seq), matmul_flops(student, seq)
+        if after != pruned.report["matmul_flops_after"]:  # the same cuts must give the same shapes
+            raise PassError(f"the distilled model has {after} MatMul FLOPs, the graph-pruned one "
+                            f"{pruned.report['matmul_flops_after']}: PyTorch and graph pruning disagree",
+                            hint="use --prune-recovery refit, and report the model architecture")
+        curve = report["loss_curve"] or [[0, 0.0]]
+        ctx.log(f"distillation: {report['steps']} steps in {report['seconds']:.0f} s (CPU {report['cpu_seconds']:.0f}"
+                f" s), loss {curve[0][1]:.4g} -> {curve[-1][1]:.4g}")
+        report["data"] = {**ctx.calibration_data, "split": "calibration (the evaluation texts are never seen)"}
+        return PassResult(student, {**pruned.report, "matmul_flops_before": before, "distill": report})
 
 
     def prune(self, model: onnx.ModelProto, blocks: list[Block], stats: dict[str, LayerStats],
               calibration: Callable[[], Iterator[Batch]] | None,
-              cache: dict[Any, tuple[list[int], np.ndarray]] | None = None) -> PassResult:
+              cache: dict[Any, tuple[list[int], np.ndarray]] | None = None,
+              cuts: list[Cut] | None = None) -> PassResult:
         """plan (with sensitivity probes when adaptive) + apply, from statistics already collected: what run()
         does after collect_stats, exposed so that several configs can share one collection (benchmarks)."""
         cfg: PruneConfig = self.config
@@ -310,7 +367,7 @@ class StructuredPrune(Pass[PruneConfig]):
         if cfg.schedule == "adaptive" and cfg.probe_batches > 0 and calibration is not None:
             sensitivity = self.sensitivity(model, blocks, stats, list(_limit(calibration(), cfg.probe_batches)),
                                            cache)
-        result = self.apply(model, self.plan(model, blocks, stats, cache, sensitivity), stats)
+        result = self.apply(model, self.plan(model, blocks, stats, cache, sensitivity), stats, cuts=cuts)
         if sensitivity is not None:
             result.report["sensitivity"] = {b.label: round(sensitivity[b.key], 4) for b in blocks}
         return result
