@@ -12,7 +12,7 @@ loaders of calibration.py unchanged; an image model gets a MediaSet, the files o
 This module lists, checks and hashes files; decoding them is the task adapter's job. A MediaSet is a TextSet whose
 `texts` are "<sha256> <name>" per file, so every cache and build key that hashes texts hashes file contents.
 
-Layering: imports errors and calibration (TextSet) only.
+Layering: imports errors, calibration (TextSet) and taskspec (what a task's data are) only.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from edgecompress import taskspec
 from edgecompress.calibration import TextSet, builtin_texts, load_texts
 from edgecompress.errors import DataError
-from edgecompress.tasknames import MODALITY
 
 SUFFIXES: dict[str, tuple[str, ...]] = {
     "image": (".jpg", ".jpeg", ".png", ".bmp", ".webp"),
@@ -56,7 +56,9 @@ class MediaSet(TextSet):
 
 
 def modality(task: str) -> str:
-    return MODALITY.get(task, "text")
+    """What `task`'s data are (its adapter's TaskSpec.modality): "text", "image", "audio"."""
+    spec = taskspec.spec(task)
+    return spec.modality if spec is not None else "text"
 
 
 def load_data(path: Path | None, task: str, split: str, text_column: str | None = None) -> TextSet:
