@@ -115,7 +115,7 @@ class TaskAdapter(Protocol):
         ...
 
     def fidelity(self, model_path: Path, progress: Progress) -> Fidelity:
-        """The compressed model judged against the reference, with the family's metrics (metrics.py)."""
+        """The compressed model judged against the reference, with the metrics its TaskSpec declares (taskspec.py)."""
         ...
 
     def profile_dims(self, target: Target) -> dict[str, int]:
