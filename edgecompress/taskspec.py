@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -63,6 +64,7 @@ class TaskSpec:
 _SPECS: dict[str, TaskSpec] = {}
 _METRICS: dict[str, Metric] = {}
 _state = {"loaded": False, "loading": False}
+_lock = threading.RLock()  # another thread's first read waits for the load; this thread's re-entry is refused
 
 
 def declare(spec: TaskSpec) -> None:
@@ -82,14 +84,17 @@ def declare(spec: TaskSpec) -> None:
 def _load() -> None:
     if _state["loaded"]:
         return
-    if _state["loading"]:
-        raise RuntimeError("the task registry was read while the task adapters were being imported")
-    _state["loading"] = True
-    try:
-        importlib.import_module(ADAPTERS).registered_tasks()
-        _state["loaded"] = True
-    finally:
-        _state["loading"] = False
+    with _lock:
+        if _state["loaded"]:
+            return
+        if _state["loading"]:
+            raise RuntimeError("the task registry was read while the task adapters were being imported")
+        _state["loading"] = True
+        try:
+            importlib.import_module(ADAPTERS).registered_tasks()
+            _state["loaded"] = True
+        finally:
+            _state["loading"] = False
 
 
 def specs() -> dict[str, TaskSpec]:
