@@ -46,6 +46,9 @@ class Settings:
     augment: float = 0.15
     max_texts: int = 4096  # token rows held in memory (the calibration texts beyond are not used)
     curve_points: int = 50
+    # bfloat16 autocast for the forward/backward matmuls (float32 master weights, loss in float32): about twice the
+    # steps per minute where the CPU has bf16 instructions (isa.py decides; see distill/__init__.py)
+    bf16: bool = False
 
 
 @dataclass
@@ -153,6 +156,18 @@ def loss_fn(task: str, s_out: Any, t_out: Any, mask: Any, settings: Settings) ->
     return out + settings.hidden_weight * hidden
 
 
+def _float(out: Any) -> Any:
+    """The model output with its tensors in float32 (autocast leaves them in bfloat16): the loss is float32."""
+    import torch
+
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.float()
+        elif isinstance(value, tuple):
+            out[key] = tuple(v.float() for v in value)
+    return out
+
+
 def train(student: Any, teacher: Any, task: str, data: Data, settings: Settings,
           progress: Progress | None = None, log: Callable[[str], None] = lambda msg: None) -> Outcome:
     """Train `student` in place. Stops after `settings.steps` or at the wall-clock cap, whichever comes first."""
@@ -200,10 +215,11 @@ def train(student: Any, teacher: Any, task: str, data: Data, settings: Settings,
             feed = {k: torch.from_numpy(v) for k, v in data.augment(data.batch(idx), settings.augment, aug).items()}
             mask = (feed["attention_mask"] if "attention_mask" in feed
                     else torch.ones_like(feed["input_ids"])).to(torch.float32)
-            with torch.no_grad():
-                t_out = teacher(**feed, output_hidden_states=True)
-            s_out = student(**feed, output_hidden_states=True)
-            loss = loss_fn(task, s_out, t_out, mask, settings)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                with torch.no_grad():
+                    t_out = teacher(**feed, output_hidden_states=True)
+                s_out = student(**feed, output_hidden_states=True)
+            loss = loss_fn(task, _float(s_out), _float(t_out), mask, settings)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
