@@ -4,7 +4,7 @@ ORT 1.32's CPU GroupQueryAttention takes an int8 cache (T_CACHE int8/uint8 with 
 model builder writes it (kv_cache_quant_scheme=int8_per_channel) from per-layer, per-channel scales that its own
 calibration tool computes (onnxruntime_genai.models.quantization.kv_cache_calibration: post-RoPE K with the
 rotary envelope, raw V, 99.99th percentile), here on edgecompress's built-in calibration passages. Both graphs
-then get edgecompress's grid-preserving int4 (passes/decoder.py), so only the cache differs.
+then get edgecompress's grid-preserving int4 (passes/int4_grid.py), so only the cache differs.
 
 Perplexity is teacher-forced through the cache: every token of a single window of N wikitext-2 tokens is fed one
 at a time to ORT GenAI's Generator, so each prediction reads the whole cache so far (a prefill-only perplexity
@@ -67,7 +67,7 @@ def bundle(raw: Path, out: Path) -> Path:
     from edgecompress.genai.graph import optimum_tied_layout, static_kv_head_dim
     from edgecompress.model import save_model
     from edgecompress.passes.base import ModelInfo, PassContext
-    from edgecompress.passes.decoder import DecoderInt4
+    from edgecompress.passes.int4_grid import DecoderInt4
     from edgecompress.targets import load_target
 
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ transcripts, a content digest for cache keys, and `texts` ("<sha256> <name>" per
 `hash_texts(x.texts)` build and cache keys stay content-addressed. Decoding is soundfile (libsndfile: .wav and
 .flac). Every way a clip can be unusable is a DataError (exit 2) raised when the set is loaded, at plan time.
 
-Layering: imports only errors (numpy and soundfile lazily).
+Layering: imports only errors and datafile (the per-file checks media.py's images get too); calibration (a list
+file gets a text file's checks), numpy and soundfile lazily.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from edgecompress.datafile import checked_sha256
 from edgecompress.errors import DataError
 
 SAMPLE_RATE = 16_000  # what Whisper's and wav2vec2's feature extractors expect
@@ -106,10 +108,9 @@ def _sidecar(clip: Path) -> str | None:
 
 
 def _from_list(list_file: Path, source: str) -> AudioSet:
-    try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read the audio list {list_file}: {e}", hint="one clip path a line, UTF-8") from None
+    from edgecompress.calibration import _read_text_file  # the list file gets a text file's checks, as media.py's
+
+    lines = _read_text_file(list_file).splitlines()
     files: list[Path] = []
     labels: list[str | None] = []
     for line in lines:
@@ -128,22 +129,16 @@ def _from_list(list_file: Path, source: str) -> AudioSet:
 
 
 def _checked(files: tuple[Path, ...], labels: tuple[str | None, ...], source: str) -> AudioSet:
-    """Every clip a readable regular file that decodes; its bytes hashed for the cache keys."""
+    """Every clip a readable regular file (datafile.py's checks) that decodes; its bytes hashed for the cache keys."""
     if len(files) > MAX_CLIPS:
         raise DataError(f"{source} has {len(files):,} clips, more than {MAX_CLIPS:,}", hint="use a sample")
     hashes = []
     for f in files:
-        if not f.is_file():
-            raise DataError(f"audio clip not found or not a regular file: {f}")
-        size = f.stat().st_size
-        if size > MAX_CLIP_BYTES:
-            raise DataError(f"{f} is {size / 2**20:,.0f} MiB, more than the {MAX_CLIP_BYTES // 2**20} MiB a clip "
-                            "may have", hint="cut it into clips of at most 30 s")
+        hashes.append(checked_sha256(f, MAX_CLIP_BYTES, "a clip", too_big_hint="cut it into clips of at most 30 s"))
         info = _info(f)
         if info[0] / info[1] > MAX_CLIP_SECONDS:
             raise DataError(f"{f} lasts {info[0] / info[1]:,.0f} s, more than {MAX_CLIP_SECONDS:.0f} s",
                             hint="cut it into clips of at most 30 s")
-        hashes.append(hashlib.sha256(f.read_bytes()).hexdigest())
     return AudioSet(files, source, labels, tuple(hashes))
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from edgecompress.metrics import METRICS
 from edgecompress.targets import Budgets
+from edgecompress.taskspec import METRICS
 
 Source = Literal["measured", "estimated", "emulated", "measured-on-host"]
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecompress.metrics import METRICS
 from edgecompress.passes.base import Batch
+from edgecompress.taskspec import METRICS
 
 
 def pool(task: str, output: np.ndarray, batch: Batch) -> np.ndarray:

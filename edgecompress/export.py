@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecompress import tasknames
+from edgecompress import tasknames, taskspec
 from edgecompress.errors import ExportError, ModelError
 from edgecompress.passes.base import Batch, ModelInfo
 
@@ -30,31 +30,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger(__name__)
 
-# Tasks edgecompress can evaluate and profile end to end, and the output each is judged on.
-SUPPORTED_TASKS: dict[str, str] = {
-    "feature-extraction": "last_hidden_state",
-    "text-classification": "logits",
-    tasknames.DECODER_TASK: "logits",
-    tasknames.IMAGE_CLASSIFICATION: "logits",
-    tasknames.OBJECT_DETECTION: "logits",  # and pred_boxes (DETR/YOLOS): tasks/detection.py reads both
-    tasknames.SPEECH_TASK: "logits",  # CTC logits; Whisper's components are judged by the adapter (speech.py)
-}
-# Causal LMs exported with their KV cache as inputs/outputs (past_key_values.N.key/value, present.N.key/value).
-DECODER_TASKS = tasknames.DECODER_TASKS
+# What each task is judged on, which config.json architectures mean it, what its model folder needs and which
+# transformers class is its reference: its adapter's TaskSpec (taskspec.py), declared in edgecompress/tasks/.
 # An .onnx file given as MODEL: no export, fidelity against the file itself on seeded random inputs.
 ONNX_TASK = tasknames.ONNX_TASK
-# config.json "architectures" suffix -> task, for inference when --task is not given.
-_ARCH_SUFFIX_TASK = (
-    ("ForCTC", tasknames.SPEECH_TASK),
-    ("WhisperForConditionalGeneration", tasknames.SPEECH_TASK),
-    ("ForSequenceClassification", "text-classification"),
-    ("ForCausalLM", tasknames.DECODER_TASK),
-    ("ForImageClassification", tasknames.IMAGE_CLASSIFICATION),
-    ("ForObjectDetection", tasknames.OBJECT_DETECTION),
+# config.json "architectures" suffix -> optimum's task, for architectures no adapter serves: inferred so that the
+# error names the task ("task 'fill-mask' is not supported by edgecompress yet")
+_UNSUPPORTED_ARCH_TASK = (
     ("ForMaskedLM", "fill-mask"),
     ("ForTokenClassification", "token-classification"),
     ("ForQuestionAnswering", "question-answering"),
-    ("Model", "feature-extraction"),
 )
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
 # what transformers' AutoImageProcessor / AutoFeatureExtractor read; saved beside the model and into the bundle
@@ -110,12 +95,39 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def supported_tasks() -> dict[str, str]:
+    """The tasks edgecompress exports, evaluates and profiles end to end -> the output each is judged on."""
+    return {name: s.output for name, s in sorted(taskspec.specs().items()) if s.output is not None}
+
+
+def judged_output(task: str) -> str:
+    """The exported graph output `task` is judged on (its adapter's TaskSpec.output)."""
+    return supported_tasks()[task]
+
+
+def exports_kv_cache(task: str) -> bool:
+    """A causal LM's export: its KV cache as graph inputs/outputs (past_key_values.N.*, present.N.*)."""
+    return _spec(task).kv_cache
+
+
+def _spec(task: str) -> taskspec.TaskSpec:
+    s = taskspec.spec(task)
+    if s is None:
+        raise ModelError(f"task '{task}' is not supported by edgecompress yet",
+                         hint=f"supported: {', '.join(supported_tasks())}; pass --task to choose")
+    return s
+
+
 def infer_task(config: dict[str, Any]) -> str:
+    """The task config.json's architectures mean (the adapters' TaskSpec.architectures suffixes, the longest first);
+    a bare encoder (no head, or one nobody claims) is feature extraction, as optimum infers it."""
+    table = [(suffix, name) for name, s in taskspec.specs().items() for suffix in s.architectures]
+    table = sorted([*table, *_UNSUPPORTED_ARCH_TASK], key=lambda t: -len(t[0]))
     for arch in config.get("architectures") or []:
-        for suffix, task in _ARCH_SUFFIX_TASK:
+        for suffix, task in table:
             if arch.endswith(suffix):
                 return task
-    return "feature-extraction"
+    return tasknames.FEATURE_EXTRACTION
 
 
 def inspect_model(model_dir: Path, task: str | None = None) -> ModelInfo:
@@ -129,9 +141,10 @@ def inspect_model(model_dir: Path, task: str | None = None) -> ModelInfo:
                          "edgecompress does not run", hint="export it to ONNX yourself and give the .onnx file")
     model_type = config["model_type"]
     task = task or infer_task(config)
-    if task not in SUPPORTED_TASKS:
+    if task not in supported_tasks():
         raise ModelError(f"task '{task}' is not supported by edgecompress yet",
-                         hint=f"supported: {', '.join(SUPPORTED_TASKS)}; pass --task to choose")
+                         hint=f"supported: {', '.join(supported_tasks())}; pass --task to choose")
+    spec = _spec(task)
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
     from optimum.exporters.tasks import TasksManager
 
@@ -145,16 +158,15 @@ def inspect_model(model_dir: Path, task: str | None = None) -> ModelInfo:
         raise ModelError(f"optimum cannot export '{model_type}' for task '{task}'",
                          hint=f"tasks it supports for {model_type}: {', '.join(optimum_tasks)}")
     # images/audio: the preprocessor (image processor / feature extractor); speech also needs its tokenizer
-    needs_preprocessor = tasknames.MODALITY.get(task, "text") != "text" or task == tasknames.SPEECH_TASK
-    if needs_preprocessor and not (model_dir / PREPROCESSOR_FILE).is_file():
+    if spec.preprocessor and not (model_dir / PREPROCESSOR_FILE).is_file():
         raise ModelError(f"{model_dir} has no {PREPROCESSOR_FILE} (the image processor or feature extractor)",
                              hint="save the processor beside the model: processor.save_pretrained(model_dir)")
-    if tasknames.MODALITY.get(task, "text") == "text" and not any(
+    if spec.tokenizer and not any(
             (model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         raise ModelError(f"{model_dir} has no tokenizer files", hint="save the tokenizer beside the model")
     archs = config.get("architectures") or [model_type]
     fam = None
-    if tasknames.MODALITY.get(task) == "image":
+    if spec.modality == "image":
         fam = "transformer" if config.get("num_attention_heads") or config.get("encoder_attention_heads") else "conv"
     return ModelInfo(
         model_type=model_type,
@@ -171,7 +183,8 @@ def inspect_model(model_dir: Path, task: str | None = None) -> ModelInfo:
 
 def optimum_task(task: str, model_type: str) -> str:
     """optimum's name for the export: Whisper is an encoder-decoder exported with its decoder's KV cache."""
-    return f"{task}-with-past" if task == tasknames.SPEECH_TASK and model_type in SEQ2SEQ_SPEECH else task
+    s = taskspec.spec(task)
+    return f"{task}-with-past" if s is not None and s.seq2seq_with_past and model_type in SEQ2SEQ_SPEECH else task
 
 
 # Encoder-decoder speech models: optimum writes encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx
@@ -183,10 +196,12 @@ def inspect_onnx_file(path: Path, task: str | None) -> ModelInfo:
     import onnx
 
     beside = path.parent / PREPROCESSOR_FILE
-    image_task = task == tasknames.IMAGE_CLASSIFICATION or (task is None and beside.is_file())
+    # the task whose adapter judges an .onnx through the processor beside it (image classification)
+    with_processor = next(name for name, s in taskspec.specs().items() if s.onnx_with_preprocessor)
+    image_task = task == with_processor or (task is None and beside.is_file())
     if task not in (None, ONNX_TASK) and not image_task:
         raise ModelError(f"--task {task} does not apply to an ONNX file",
-                         hint="leave --task out, or give --task image-classification with a "
+                         hint=f"leave --task out, or give --task {with_processor} with a "
                               f"{PREPROCESSOR_FILE} beside the .onnx")
     if image_task and not beside.is_file():
         raise ModelError(f"an image classifier given as .onnx needs its {PREPROCESSOR_FILE} beside it",
@@ -214,7 +229,7 @@ def inspect_onnx_file(path: Path, task: str | None) -> ModelInfo:
         matmul = sum(1 for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
                      and n.input[1] in inits)
         return ModelInfo(model_type="onnx", architecture=m.graph.name or path.stem,
-                         task=tasknames.IMAGE_CLASSIFICATION, family="transformer" if matmul > conv else "conv")
+                         task=with_processor, family="transformer" if matmul > conv else "conv")
     return ModelInfo(model_type="onnx", architecture=m.graph.name or path.stem, task=ONNX_TASK)
 
 
@@ -259,14 +274,14 @@ def export_onnx(model_dir: Path, info: ModelInfo, out_dir: Path, opset: int | No
     m = onnx.load(str(onnx_path), load_external_data=False)
     opset_used = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ExportResult(onnx_path=onnx_path, task=info.task, opset=opset_used,
-                        seconds=time.perf_counter() - t0, output_name=SUPPORTED_TASKS[info.task],
+                        seconds=time.perf_counter() - t0, output_name=judged_output(info.task),
                         files=sorted(p.name for p in out_dir.iterdir()))
 
 
 def load_torch_model(model_dir: Path, task: str) -> Any:
     """The source model in PyTorch FP32 (the transformers class its export uses), in eval mode: for training it
     (edgecompress/distill), the one place besides the references that loads PyTorch weights."""
-    if task in DECODER_TASKS:
+    if exports_kv_cache(task):
         return DecoderReference(model_dir).model
     return TorchReference(model_dir, task).model
 
@@ -347,22 +362,15 @@ class TorchReference:
     def __init__(self, model_dir: Path | None, task: str, model: Any = None) -> None:
         """From a model dir, or around an in-memory `model` (a distilled student, checked against its export)."""
         import torch
-        from transformers import (
-            AutoModel,
-            AutoModelForImageClassification,
-            AutoModelForObjectDetection,
-            AutoModelForSequenceClassification,
-        )
+        import transformers
 
-        self.output_name = SUPPORTED_TASKS[task]
+        self.output_name = judged_output(task)
         self._torch = torch
         if model is not None:
             self.model = model
             return
         assert model_dir is not None
-        cls = {"text-classification": AutoModelForSequenceClassification,
-               tasknames.IMAGE_CLASSIFICATION: AutoModelForImageClassification,
-               tasknames.OBJECT_DETECTION: AutoModelForObjectDetection}.get(task, AutoModel)
+        cls = getattr(transformers, _spec(task).torch_class)  # AutoModel, AutoModelForSequenceClassification, ...
         with quiet_libraries():
             self.model = cls.from_pretrained(str(model_dir), local_files_only=True, torch_dtype=torch.float32)
         self.model.eval()

@@ -2,7 +2,7 @@
 `edgecompress.build(runs=0)` fails exactly as `edgecompress build --runs 0` does: one ConfigError, exit 2, before
 anything is read or written. Recipe knobs are checked where they are declared (recipes.py).
 
-Layering: imports only errors and metrics.
+Layering: imports only errors and taskspec (metrics).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecompress.errors import ConfigError
-from edgecompress.metrics import METRICS, RANGE
+from edgecompress.taskspec import METRICS
 
 MAX_RUNS = 100_000
 MAX_THREADS = 1024
@@ -38,9 +38,10 @@ def check_positive(name: str, value: Any) -> None:
 
 def check_fidelity_limit(metric: str, value: Any, name: str) -> None:
     """A floor (or ceiling) of `metric`: finite and inside the values the metric can take."""
-    lo, hi = RANGE.get(metric, (-math.inf, math.inf))
+    m = METRICS[metric]
+    lo, hi = m.low, m.high
     if not finite_number(value) or not lo <= value <= hi:
-        kind = "floor" if METRICS[metric].higher_is_better else "ceiling"
+        kind = "floor" if m.higher_is_better else "ceiling"
         raise ConfigError(f"{name} must be a finite number in [{lo:g}, {hi:g}] ({metric}'s {kind}), got {value!r}")
 
 

@@ -9,23 +9,24 @@ loaders of calibration.py unchanged; an image model gets a MediaSet, the files o
 - a single image file,
 - nothing: the built-in set shipped in the package (edgecompress/data/images/, written for this project).
 
-This module lists, checks and hashes files; decoding them is the task adapter's job. A MediaSet is a TextSet whose
-`texts` are "<sha256> <name>" per file, so every cache and build key that hashes texts hashes file contents.
+This module lists files (the per-file checks and hash are datafile.py's, shared with audio.py); decoding them is
+the task adapter's job. A MediaSet is a TextSet whose `texts` are "<sha256> <name>" per file, so every cache and
+build key that hashes texts hashes file contents.
 
-Layering: imports errors and calibration (TextSet) only.
+Layering: imports errors, calibration (TextSet), datafile and taskspec (what a task's data are) only.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from edgecompress import taskspec
 from edgecompress.calibration import TextSet, builtin_texts, load_texts
+from edgecompress.datafile import checked_sha256
 from edgecompress.errors import DataError
-from edgecompress.tasknames import MODALITY
 
 SUFFIXES: dict[str, tuple[str, ...]] = {
     "image": (".jpg", ".jpeg", ".png", ".bmp", ".webp"),
@@ -56,7 +57,9 @@ class MediaSet(TextSet):
 
 
 def modality(task: str) -> str:
-    return MODALITY.get(task, "text")
+    """What `task`'s data are (its adapter's TaskSpec.modality): "text", "image", "audio"."""
+    spec = taskspec.spec(task)
+    return spec.modality if spec is not None else "text"
 
 
 def load_data(path: Path | None, task: str, split: str, text_column: str | None = None) -> TextSet:
@@ -138,25 +141,4 @@ def _media_set(files: list[Path], labels: list[str | None], source: str, kind: s
 
 
 def _sha256(path: Path) -> str:
-    """The file's sha256, after the checks every data file gets: exists, regular, within the size cap."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise DataError(f"file not found: {path}") from None
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}", hint="check the path and its permissions") from None
-    if not path.is_file():
-        raise DataError(f"{path} is not a regular file", hint="give files saved on disk")
-    if st.st_size > MAX_FILE_BYTES:
-        raise DataError(f"{path} is {st.st_size / 2**20:,.0f} MiB, more than the {MAX_FILE_BYTES // 2**20} MiB a "
-                        "media file may have")
-    if st.st_size == 0:
-        raise DataError(f"{path} is empty")
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}", hint="check the path and its permissions") from None
-    return h.hexdigest()
+    return checked_sha256(path, MAX_FILE_BYTES, "a media file")

@@ -30,7 +30,6 @@ from edgecompress.errors import BuildInterrupted, ConfigError, ModelError, PassE
 from edgecompress.inputs import check_build_options, check_fidelity_limit
 from edgecompress.layers import layer_table
 from edgecompress.manifest import Artifact, Manifest
-from edgecompress.metrics import METRICS, PRIMARY_METRIC
 from edgecompress.model import artifact_size_bytes, load_model, save_model, sha256_file, sha256_files
 from edgecompress.passes.base import ModelInfo, PassContext
 from edgecompress.profiling import Workload, estimated_latency_ms, profile_artifact
@@ -41,6 +40,7 @@ from edgecompress.recipes import Recipe, RecipeOptions, default_recipe, make_rec
 from edgecompress.report import render_html, render_markdown
 from edgecompress.targets import Target, load_target
 from edgecompress.tasks import DataSet, TaskInputs, make_task, task_facts, validate_workload, workload_for
+from edgecompress.taskspec import METRICS, PRIMARY_METRIC
 from edgecompress.versions import cache_versions, library_versions
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,7 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     work = stage / "_work"
     info, target = p.info, p.target
     facts = task_facts(info.task)
+    genai_ready = facts.spec(info.task).genai  # ORT GenAI applies: a GenAI-ready bundle, the fast path
 
     cache = Cache(enabled=opts.cache)
 
@@ -244,7 +245,7 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
     side_files = copy_bundle_files(exp.onnx_path.parent, p.model_dir if p.model_dir.is_dir() else None, stage)
 
     genai_bundle = genai.finalize_bundle(stage, target.workload.context_length, target.runtime.threads) \
-        if facts.genai else None
+        if genai_ready else None
 
     # Proof that it runs quantized: ORT's optimized graph goes to diagnostics/, and a quantizing recipe whose
     # MatMuls all run in float kernels there fails the build (PassError: nothing written).
@@ -316,7 +317,7 @@ def _build_into(stage: Path, p: _Plan, opts: BuildOptions, progress: Progress) -
                              else "optimum.exporters.onnx.main_export"),
                 **({"path": "fast" if exp.exporter == "genai" else "fallback", "path_why": exporter_why,
                     "graph": exp.details, "genai_bundle": genai_bundle}
-                   if facts.genai else {}),
+                   if genai_ready else {}),
                 "cached": exported.cached},
         fidelity={**fidelity.as_dict(), "counted": facts.units},  # what fidelity.texts counts, for the report
         profile=profile,

@@ -10,9 +10,9 @@ import base64
 import html
 from typing import Any
 
+from edgecompress import taskspec
 from edgecompress.manifest import Manifest
 from edgecompress.profiling.workload import DECODER, recorded_kind
-from edgecompress.tasknames import MODALITY
 
 
 def _num(x: object) -> str:
@@ -34,7 +34,7 @@ def _counted(m: Manifest) -> str:
 def pareto_axis(metric: str) -> tuple[str, Any]:
     """(label, value -> y) with larger y better, as the Pareto front wants: a ratio where lower is better is
     plotted as its inverse (FP32's perplexity over the candidate's), any other lower-is-better metric negated."""
-    from edgecompress.metrics import METRICS
+    from edgecompress.taskspec import METRICS
 
     if metric not in METRICS or METRICS[metric].higher_is_better:
         return metric, float
@@ -204,7 +204,7 @@ def load_snippets(m: Manifest) -> list[tuple[str, str]]:
     elif task == "text-classification":
         out.append(("optimum", f'from optimum.onnxruntime import ORTModelForSequenceClassification\n'
                                f'model = ORTModelForSequenceClassification.from_pretrained("{d}")'))
-    elif MODALITY.get(str(task)) == "image":
+    elif (spec := taskspec.spec(str(task))) is not None and spec.modality == "image":
         out.append(("onnxruntime + the bundle's image processor (transformers' AutoImageProcessor, no torch)",
                     f'import numpy as np, onnxruntime as ort\nfrom PIL import Image\n'
                     f'from transformers import AutoImageProcessor\n'

@@ -30,13 +30,13 @@ from edgecompress.bundle import StagedDir
 from edgecompress.cache import Cache
 from edgecompress.errors import BuildInterrupted, EdgeCompressError, UsageError
 from edgecompress.manifest import Manifest
-from edgecompress.metrics import METRICS, PRIMARY_METRIC
 from edgecompress.passes.base import ModelInfo, WeightBytes
 from edgecompress.pipeline import build, build_key, plan
 from edgecompress.profiling.workload import Workload
 from edgecompress.progress import NullProgress, Progress
 from edgecompress.recipes import RECIPES, RecipeOptions, make_recipe
 from edgecompress.targets import Target
+from edgecompress.taskspec import METRICS, PRIMARY_METRIC
 
 log = logging.getLogger(__name__)
 

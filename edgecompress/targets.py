@@ -1,7 +1,7 @@
 """Target profiles: one TOML file per device, read with tomllib and validated strictly.
 
 A new device is a new file. Unknown keys, missing keys and wrong types are errors that name the file, the key and
-what was expected. Layering: imports only errors and metrics.
+what was expected. Layering: imports only errors and taskspec (the metrics a fidelity budget may name).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import tomllib
 
 from edgecompress.errors import ConfigError
-from edgecompress.metrics import METRICS, RANGE
+from edgecompress.taskspec import METRICS
 
 ISA_FLAGS = frozenset(
     {"avx2", "fma", "f16c", "avx512", "avx512_vnni", "avx_vnni", "neon", "fp16", "dotprod", "i8mm", "bf16", "sve",
@@ -73,7 +73,7 @@ class Budgets:
     max_size_mb: float
     max_peak_ram_mb: float
     max_latency_p90_ms: float
-    # metric name (see evaluate.METRICS) -> limit; the metric's direction says whether it is a floor or a ceiling
+    # metric name (see taskspec.METRICS) -> limit; the metric's direction says whether it is a floor or a ceiling
     fidelity: dict[str, float] = field(default_factory=dict)
     # session creation (load + graph optimization), measured only; optional in the TOML
     max_load_ms: float = 5000.0
@@ -291,7 +291,7 @@ def _parse(path: Path, data: dict[str, Any], sha: str) -> Target:
     for metric, limit in fidelity.items():
         if metric not in METRICS:
             raise _bad(path, f"budgets.fidelity.{metric}", f"a metric from {sorted(METRICS)}")
-        lo, hi = RANGE.get(metric, (-math.inf, math.inf))
+        lo, hi = METRICS[metric].low, METRICS[metric].high
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) \
                 or not lo <= limit <= hi:
             raise _bad(path, f"budgets.fidelity.{metric}", f"a finite number in [{lo:g}, {hi:g}]", limit)

@@ -1,6 +1,7 @@
 """Task names, defined once. Layering: imports nothing (targets, passes, profiling and report all read these).
 
-A new model family adds its task name here and its adapter as one module of edgecompress/tasks/ (tasks/base.py).
+A new model family adds its task name here and its adapter as one module of edgecompress/tasks/ (tasks/base.py),
+which declares everything else about the task (taskspec.TaskSpec).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ ONNX_TASK = "onnx"  # an .onnx file given as MODEL: no export
 IMAGE_CLASSIFICATION = "image-classification"
 OBJECT_DETECTION = "object-detection"
 VISION_TASKS = (IMAGE_CLASSIFICATION, OBJECT_DETECTION)
-TEXT_ENCODER_TASKS = ("feature-extraction", "text-classification")  # one forward pass, a tokenizer
+FEATURE_EXTRACTION = "feature-extraction"
+TEXT_CLASSIFICATION = "text-classification"
+TEXT_ENCODER_TASKS = (FEATURE_EXTRACTION, TEXT_CLASSIFICATION)  # one forward pass, a tokenizer (tasks/text.py)
 SPEECH_TASK = "automatic-speech-recognition"  # CTC models (wav2vec2) and Whisper (tasks/speech.py)
 # one forward pass per batch (for Whisper, a recipe per component), judged on its outputs: the encoder recipes apply
 ENCODER_TASKS = (*TEXT_ENCODER_TASKS, ONNX_TASK, *VISION_TASKS, SPEECH_TASK)
 DECODER_TASKS = (DECODER_TASK,)
-# what a task's calibration/evaluation data are (media.load_data); a task not listed reads text
-MODALITY: dict[str, str] = {IMAGE_CLASSIFICATION: "image", OBJECT_DETECTION: "image"}

@@ -653,3 +653,28 @@ def test_a_full_disk_is_one_line_exit_4(tiny_onnx: Path, tmp_path: Path) -> None
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+# --- image and audio data files: one shared per-file check (datafile.py) ------------------------------------------
+def _load_media(kind: str, path: Path) -> Any:
+    from edgecompress import audio, media
+
+    return media.load_media(path, "image") if kind == "image" else audio.load_audio_data(path)
+
+
+@pytest.mark.parametrize("kind, suffix", [("image", ".png"), ("audio", ".wav")])
+@pytest.mark.parametrize("make, needle", [
+    (lambda t, n: _fifo(t, n), "is not a regular file"),  # reading a FIFO would block forever
+    (lambda t, n: _file(t, n, b""), "is empty"),
+    (lambda t, n: _sparse(t, n, 65 << 20), "MiB, more than the 64 MiB"),
+    (lambda t, n: _file(t, "list.txt", f"{t / 'nothing'}{n[-4:]}\n".encode()), "file not found"),
+    (lambda t, n: _fifo(t, "list.txt"), "is not a regular file"),  # the list file itself
+])
+def test_a_bad_media_file_is_one_line_for_images_and_clips(tmp_path: Path, kind: str, suffix: str,
+                                                           make: Callable[[Path, str], str], needle: str) -> None:
+    from edgecompress.errors import DataError
+
+    path = Path(make(tmp_path, "x" + suffix))
+    with pytest.raises(DataError, match=needle) as e:
+        _load_media(kind, path)
+    assert "\n" not in str(e.value) and e.value.exit_code == 2

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from edgecompress.errors import ConfigError
 from edgecompress.graph import GraphIndex
 from edgecompress.passes.base import Batch, ModelInfo, PassContext
-from edgecompress.passes.decoder import DecoderCodebook, DecoderCodebookConfig
+from edgecompress.passes.codebook.decoder import DecoderCodebook, DecoderCodebookConfig
 from edgecompress.passes.prune import PruneConfig, StructuredPrune
 from edgecompress.recipes import RecipeOptions, make_recipe
 from edgecompress.targets import load_target

@@ -20,14 +20,8 @@ from edgecompress.cli import main
 from edgecompress.errors import ConfigError, ModelError
 from edgecompress.isa import INT8_DOT
 from edgecompress.passes.base import ModelInfo, PassContext
-from edgecompress.passes.decoder import (
-    DecoderInt4,
-    DecoderInt4Config,
-    affine_4bit,
-    find_lm_head,
-    pack_nibbles,
-    untie_lm_head,
-)
+from edgecompress.passes.int4_grid import DecoderInt4, DecoderInt4Config, affine_4bit, pack_nibbles
+from edgecompress.passes.lm_head import find_lm_head, untie_lm_head
 from edgecompress.recipes import default_recipe, make_recipe
 from edgecompress.targets import load_target
 from tests.conftest import TOKENIZER_FILES, run_onnx
@@ -263,11 +257,10 @@ def test_tiny_llama_builds_int4_end_to_end(tiny_llama: Path, tmp_path: Path) -> 
 def test_tiny_llama_builds_codebook_with_pruned_mlps(tiny_llama: Path, tmp_path: Path) -> None:
     """Codebooks and gate/up/down pruning on a decoder: decoder calibration feeds (ids, mask, positions, empty
     KV cache) drive both, the pruned down_proj keeps K on the 32 block, every MatMul runs 8-bit MatMulNBits."""
-    from edgecompress.passes.decoder import INT8_DOT_ISA
     from edgecompress.pipeline import BuildOptions, build
     from edgecompress.recipes import RecipeOptions
 
-    if not load_target("host").hardware.isa & INT8_DOT_ISA:
+    if not load_target("host").hardware.isa & set(INT8_DOT):
         pytest.skip("this host has no int8 dot product: decoder codebooks are refused on it")
     target = _target_file(tmp_path, prompt_length=32, new_tokens=8, context_length=256)
     m = build(BuildOptions(model=tiny_llama, target=target, recipe="codebook", out=tmp_path / "b", runs=3,

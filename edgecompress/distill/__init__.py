@@ -32,9 +32,6 @@ from edgecompress.progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
 
-# the task optimum exports a decoder for (with its KV cache), as the pipeline's export does
-_EXPORT_TASK = {t: "text-generation-with-past" for t in export.DECODER_TASKS}
-
 
 def distill(source: Path, task: str, cuts: list[Cut], batches: Iterable[dict[str, np.ndarray]],
             settings: Settings, progress: Progress | None = None,
@@ -60,9 +57,11 @@ def distill(source: Path, task: str, cuts: list[Cut], batches: Iterable[dict[str
         p.requires_grad_(False)
     with tempfile.TemporaryDirectory(prefix="edgecompress-distill-") as tmp:
         with progress.step("export the distilled model (optimum)"):
-            path = export.export_torch_model(student, _EXPORT_TASK.get(task, task), Path(tmp))
-        check = _check(student, task, path, data) if task in export.SUPPORTED_TASKS and \
-            task not in export.DECODER_TASKS else None
+            # the task names are optimum's own (a decoder's text-generation-with-past exports its KV cache)
+            path = export.export_torch_model(student, task, Path(tmp))
+        # a KV-cache decoder is not checked on a forward batch (TorchReference feeds no cache)
+        check = _check(student, task, path, data) if task in export.supported_tasks() and \
+            not export.exports_kv_cache(task) else None
         model = load_model(path)
     report: dict[str, Any] = {
         "steps": outcome.steps, "steps_asked": settings.steps, "stopped_by": outcome.stopped,

@@ -17,7 +17,6 @@ import importlib.util
 
 from edgecompress.genai.bundle import BUNDLE_FILES, finalize_bundle
 from edgecompress.genai.export import (
-    DECODER_TASK,
     FAST_PATH_ARCHITECTURES,
     FAST_PATH_PASSES,
     GENAI_EXTRA_HINT,
@@ -26,7 +25,7 @@ from edgecompress.genai.export import (
     genai_version,
 )
 
-__all__ = ["BUNDLE_FILES", "DECODER_TASK", "FAST_PATH_ARCHITECTURES", "FAST_PATH_PASSES", "GENAI_EXTRA_HINT",
+__all__ = ["BUNDLE_FILES", "FAST_PATH_ARCHITECTURES", "FAST_PATH_PASSES", "GENAI_EXTRA_HINT",
            "available", "choose_exporter", "export_genai", "finalize_bundle", "genai_version"]
 
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgecompress import taskspec
 from edgecompress.errors import ExportError
-from edgecompress.tasknames import DECODER_TASK  # re-exported: edgecompress.genai.DECODER_TASK
 
 # Verified end to end here (export parity, int4 pass, the GenAI runtime's greedy output). The builder supports
 # more (Qwen2, Mistral, Phi-3, Gemma): they take optimum's export until they are tested the same way.
@@ -39,7 +39,8 @@ def genai_version() -> str | None:
 
 def choose_exporter(task: str, architecture: str, pass_names: list[str]) -> tuple[str, str]:
     """("genai" | "optimum", why) for a build."""
-    if task != DECODER_TASK:
+    spec = taskspec.spec(task)
+    if spec is None or not spec.genai:  # the task's adapter says whether ORT GenAI applies (causal LMs)
         return "optimum", "not a decoder"
     forced = os.environ.get(ENV, "").strip().lower()
     if forced == "optimum":

@@ -3,7 +3,7 @@
 The builder ties a shared embedding through the graph: lm_head's MatMul owns the initializer W ([hidden, vocab])
 and the embedding Gather reads Transpose(W), which ORT folds at load into a second, transposed copy in RAM. optimum
 writes the same two tensors as initializers (lm_head's W and the embedding E = W.T), and the decoder passes
-(passes/decoder.py) recognise that layout as tied ("copy") and quantize it once (the Gather decodes lm_head's
+(passes/lm_head.py) recognise that layout as tied ("copy") and quantize it once (the Gather decodes lm_head's
 blocks). `optimum_tied_layout` writes the builder's graph that way: the same weights, exactly, and what the file
 holds is what ORT holds in RAM, so the passes and the memory estimate read it as they read optimum's export.
 """

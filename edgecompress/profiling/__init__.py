@@ -345,9 +345,9 @@ def profile_bundle(bundle: Path, target: str | Path, options: ProfileOptions | N
 
     from edgecompress import budget
     from edgecompress.errors import BundleError
-    from edgecompress.metrics import METRICS
     from edgecompress.profiling.decoder import bundle_decoder_dims
     from edgecompress.targets import load_target
+    from edgecompress.taskspec import METRICS
 
     tgt = load_target(target)
     manifest, model_path = read_bundle(Path(bundle))

@@ -374,7 +374,7 @@ def _reference_runner(manifest: dict[str, Any], task: str) -> tuple[Callable[[di
     if src.is_dir():
         return export.TorchReference(src, task), "PyTorch FP32"
     if src.suffix == ".onnx" and src.is_file():
-        return OnnxRunner(src, export.SUPPORTED_TASKS[task]), f"{src.name} on this host"
+        return OnnxRunner(src, export.judged_output(task)), f"{src.name} on this host"
     return None
 
 
@@ -398,7 +398,7 @@ def emulate_bundle(bundle_dir: Path | str, target: str | Path | Target, *, max_t
     if Emulator(emulator_dir()).ready() is None:  # before any heavy work
         raise UsageError("the Arm emulator is not set up", hint=SETUP_HINT)
     task = (manifest.get("source") or {}).get("task")
-    if task not in export.SUPPORTED_TASKS:
+    if task not in export.supported_tasks():
         raise UsageError(f"{bundle}: its manifest names no task edgecompress can emulate ({task!r})")
     model_files = [model_path, *(bundle / f for f in manifest["artifact"]["files"]
                                  if f.startswith(model_path.name) and f != model_path.name)]
@@ -422,7 +422,7 @@ def emulate_bundle(bundle_dir: Path | str, target: str | Path | Target, *, max_t
     }
     if not result.get("ok"):
         return report
-    output_name = export.SUPPORTED_TASKS[task]
+    output_name = export.judged_output(task)
     host_runner = OnnxRunner(model_path, output_name, threads=threads)
     host_raw = [host_runner(b) for b in batches]
     arm_raw = [o[output_name] for o in arm_out]

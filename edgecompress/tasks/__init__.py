@@ -1,8 +1,10 @@
 """Task adapters: what differs between model families, behind one interface the pipeline drives.
 
-One module per family, each registering its adapter class with `@register_task` (tasks/base.py says what an
-adapter is): text.py (feature extraction, classification), decoder.py (causal LMs with a KV cache), onnx_file.py
-(an .onnx file given as is). `make_task` finds the adapter for a task name among every module of this package.
+One module per family, each declaring its tasks' TaskSpecs (taskspec.py) and registering its adapter class with
+`@register_task(spec, ...)` (tasks/base.py says what an adapter is): text.py (feature extraction, classification),
+decoder.py (causal LMs with a KV cache), onnx_file.py (an .onnx file given as is), vision.py and detection.py
+(images), speech.py (speech recognition). `make_task` finds the adapter for a task name among every module of this
+package.
 """
 
 from edgecompress.tasks.base import (

@@ -1,14 +1,15 @@
 """What a task adapter is, what the pipeline hands it, and the registry that finds one for a task name.
 
-A model family (feature extraction, classification, causal LMs, an .onnx file as is; next: vision, speech) is one
-adapter module in this package: a class with the `TaskAdapter` methods, decorated with `@register_task(...)`,
-whose class-level facts (`TaskFacts`) tell the pipeline, search, report, targets and profiler what differs for it.
-`make_task` imports every module of the package, so a new adapter file is found without being listed anywhere.
-ARCHITECTURE.md ("Where a new thing goes") says what else a new family touches today.
+A model family (text encoders, causal LMs, an .onnx file as is, image classifiers and detectors, speech) is one
+adapter module in this package: a class with the `TaskAdapter` methods, decorated with `@register_task(spec, ...)`.
+The `TaskSpec` of each task it serves (taskspec.py: judged output, metrics, architectures, reference class, model
+folder needs) is what the layers below read; the class-level facts (`TaskFacts`) are what the pipeline, search,
+report and profiler read. `make_task` imports every module of the package, so a new adapter file is found without
+being listed anywhere. ARCHITECTURE.md ("Where a new thing goes") says what else a new family touches.
 
-Layering: tasks sit above export, evaluate, calibration, passes.base and targets, and below pipeline/search/api.
-Passes and profiling never import tasks: they receive what an adapter produced (calibration batches, profile dims
-and the workload kind).
+Layering: tasks sit above export, evaluate, calibration, passes.base, targets and taskspec, and below
+pipeline/search/api. Passes and profiling never import tasks: they receive what an adapter produced (calibration
+batches, profile dims and the workload kind).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
+import numpy as np
+
 from edgecompress.passes.base import Batch, ModelInfo
 from edgecompress.profiling.workload import FORWARD, Workload
 from edgecompress.targets import Target
+from edgecompress.taskspec import TaskSpec, declare
 
 if TYPE_CHECKING:
     from edgecompress import export
@@ -111,7 +115,7 @@ class TaskAdapter(Protocol):
         ...
 
     def fidelity(self, model_path: Path, progress: Progress) -> Fidelity:
-        """The compressed model judged against the reference, with the family's metrics (metrics.py)."""
+        """The compressed model judged against the reference, with the metrics its TaskSpec declares (taskspec.py)."""
         ...
 
     def profile_dims(self, target: Target) -> dict[str, int]:
@@ -120,14 +124,28 @@ class TaskAdapter(Protocol):
         ...
 
 
+class ArrayReference:
+    """The reference cache of an adapter whose reference is one array (`_reference`), kept as reference.npy."""
+
+    _reference: np.ndarray | None
+
+    def save_reference(self, directory: Path) -> None:
+        assert self._reference is not None
+        np.save(directory / "reference.npy", self._reference)
+
+    def load_reference(self, directory: Path) -> None:
+        self._reference = np.load(directory / "reference.npy")
+
+
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class TaskFacts:
-    """What the rest of the toolchain needs to know about a task without building its adapter."""
+    """What the pipeline, search, report and profiler need to know about a task without building its adapter.
+    (What the layers below the adapters read is the task's TaskSpec, taskspec.py.)"""
 
-    tasks: tuple[str, ...]  # the task names (tasknames.py) this adapter serves
+    specs: tuple[TaskSpec, ...]  # the tasks this adapter serves
     adapter: type  # the class; constructed as adapter(info, TaskInputs)
     # the word for what fidelity.texts counts, in reports: "texts", "tokens" (a decoder), "images", "clips", ...
     units: str = "texts"
@@ -142,24 +160,29 @@ class TaskFacts:
     aligns_to_weight_block: bool = False
     # the target's [runtime] package (ORT Mobile) applies by default; False: only when asked with --package
     default_package: bool = True
-    # ORT GenAI applies (genai/): its model builder is the export's fast path where it covers the model, and the
-    # bundle is made GenAI-ready (genai_config.json); the manifest's export section says which path was taken
-    genai: bool = False
+
+    @property
+    def tasks(self) -> tuple[str, ...]:  # the task names (tasknames.py)
+        return tuple(s.name for s in self.specs)
+
+    def spec(self, task: str) -> TaskSpec:
+        return next(s for s in self.specs if s.name == task)
 
 
 _REGISTRY: dict[str, TaskFacts] = {}
 
 
-def register_task(*tasks: str, units: str = "texts", budget_section: str | None = None, workload: str = FORWARD,
+def register_task(*specs: TaskSpec, units: str = "texts", budget_section: str | None = None, workload: str = FORWARD,
                   data: DataLoader = text_data, aligns_to_weight_block: bool = False,
-                  default_package: bool = True, genai: bool = False) -> Callable[[type[T]], type[T]]:
-    """Class decorator: `@register_task("image-classification", units="images", data=image_data)`."""
+                  default_package: bool = True) -> Callable[[type[T]], type[T]]:
+    """Class decorator: `@register_task(IMAGE_CLASSIFICATION_SPEC, units="images", data=image_data)`."""
 
     def deco(cls: type[T]) -> type[T]:
-        facts = TaskFacts(tuple(tasks), cls, units=units, budget_section=budget_section, workload=workload,
-                          data=data, aligns_to_weight_block=aligns_to_weight_block, default_package=default_package,
-                          genai=genai)
-        for task in tasks:
+        facts = TaskFacts(tuple(specs), cls, units=units, budget_section=budget_section, workload=workload,
+                          data=data, aligns_to_weight_block=aligns_to_weight_block, default_package=default_package)
+        for spec in specs:
+            declare(spec)
+        for task in facts.tasks:
             old = _REGISTRY.get(task)
             if old is not None and (old.adapter.__module__, old.adapter.__qualname__) != (cls.__module__,
                                                                                       cls.__qualname__):

@@ -19,6 +19,17 @@ from edgecompress.progress import Progress
 from edgecompress.targets import Target
 from edgecompress.tasknames import DECODER_TASK
 from edgecompress.tasks.base import TaskInputs, register_task
+from edgecompress.taskspec import Metric, TaskSpec
+
+# judged on the evaluation text's tokens, next-token prediction
+PERPLEXITY_RATIO = Metric("perplexity_ratio", False, "", "perplexity on the evaluation text / the reference's "
+                          "perplexity on the same tokens", 0.0)
+PERPLEXITY = Metric("perplexity", False, "", "perplexity (exp of mean next-token NLL) on the evaluation text", 1.0)
+NEXT_TOKEN_TOP1 = Metric("next_token_top1", True, "", "share of positions whose arg-max next token matches the "
+                         "reference's", 0.0, 1.0)
+
+DECODER_SPEC = TaskSpec(DECODER_TASK, (PERPLEXITY_RATIO, PERPLEXITY, NEXT_TOKEN_TOP1),
+                        architectures=("ForCausalLM",), torch_class="AutoModelForCausalLM", kv_cache=True, genai=True)
 
 
 class DecoderSession:
@@ -74,8 +85,8 @@ def decoder_calibration_texts(texts: TextSet) -> TextSet:
     return builtin_texts("passages_calibration") if texts.source == "builtin:calibration" else texts
 
 
-@register_task(DECODER_TASK, units="tokens", budget_section="decoder", workload=DECODER,
-               aligns_to_weight_block=True, default_package=False, genai=True)
+@register_task(DECODER_SPEC, units="tokens", budget_section="decoder", workload=DECODER,
+               aligns_to_weight_block=True, default_package=False)
 class DecoderTask:
     """Causal LMs: perplexity and next-token top-1 agreement on the evaluation text, judged against PyTorch FP32.
 

@@ -4,6 +4,7 @@ scored against (mAP at IoU 0.5). Layering: like every tasks/ module."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,18 @@ from edgecompress.progress import Progress
 from edgecompress.tasknames import OBJECT_DETECTION
 from edgecompress.tasks.base import TaskInputs, register_task
 from edgecompress.tasks.vision import ImageClassificationTask, _softmax, image_data
+from edgecompress.taskspec import Metric, TaskSpec
 
 DETECTIONS_PER_IMAGE = 10
 IOU_MATCH = 0.5
+
+MAP50 = Metric("map50", True, "", "mAP at IoU 0.5 of the candidate's detections, taking the reference's detections "
+               "as ground truth", 0.0, 1.0)
+BOX_IOU_MEAN = Metric("box_iou_mean", True, "", "mean IoU of each reference detection with the candidate's box for "
+                      "the same query", 0.0, 1.0)
+OBJECT_DETECTION_SPEC = TaskSpec(OBJECT_DETECTION, (MAP50, BOX_IOU_MEAN), architectures=("ForObjectDetection",),
+                                 torch_class="AutoModelForObjectDetection", modality="image", preprocessor=True,
+                                 tokenizer=False)
 
 
 def detections(logits: np.ndarray, boxes: np.ndarray, k: int = DETECTIONS_PER_IMAGE
@@ -48,7 +58,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0))
 
 
-def map50(reference: list[tuple[np.ndarray, ...]], candidate: list[tuple[np.ndarray, ...]]) -> float:
+def map50(reference: Sequence[tuple[np.ndarray, ...]], candidate: Sequence[tuple[np.ndarray, ...]]) -> float:
     """mAP at IoU 0.5 of the candidate's detections against the reference's taken as ground truth (VOC-style,
     all-point interpolated AP per class, averaged over the classes the reference detects)."""
     classes = sorted({int(c) for _, labels, _, _ in reference for c in labels})
@@ -80,7 +90,7 @@ def map50(reference: list[tuple[np.ndarray, ...]], candidate: list[tuple[np.ndar
     return float(np.mean(aps)) if aps else 1.0
 
 
-@register_task(OBJECT_DETECTION, units="images", data=image_data)
+@register_task(OBJECT_DETECTION_SPEC, units="images", data=image_data)
 class ObjectDetectionTask(ImageClassificationTask):
     """DETR/YOLOS-class detectors: each image's FP32 detections (its 10 most confident queries) are the ground truth
     the compressed model's detections are scored against (mAP at IoU 0.5), plus the mean IoU query by query."""

@@ -15,11 +15,16 @@ from edgecompress.passes.base import Batch, ModelInfo
 from edgecompress.progress import Progress
 from edgecompress.targets import Target
 from edgecompress.tasknames import ONNX_TASK
-from edgecompress.tasks.base import TaskInputs, register_task
+from edgecompress.tasks.base import ArrayReference, TaskInputs, register_task
+from edgecompress.tasks.text import COSINE_MEAN, COSINE_MIN, COSINE_P1
+from edgecompress.taskspec import TaskSpec
+
+# judged as embeddings are (flattened, unit-normalised outputs); not exported, so no judged output name
+ONNX_SPEC = TaskSpec(ONNX_TASK, (COSINE_MEAN, COSINE_P1, COSINE_MIN), output=None, tokenizer=False)
 
 
-@register_task(ONNX_TASK, units="texts")
-class OnnxFileTask:
+@register_task(ONNX_SPEC, units="texts")
+class OnnxFileTask(ArrayReference):
     """An .onnx file given as is: judged against itself on seeded random inputs (no tokenizer, no PyTorch).
 
     Symbolic dims: the first is the batch, the others take the target's sequence length. Integer inputs that index
@@ -85,13 +90,6 @@ class OnnxFileTask:
 
     def reference_id(self) -> dict[str, Any]:
         return {"task": self.info.task, "seed": self.seed, "samples": self.samples, "batch": self.batch}
-
-    def save_reference(self, directory: Path) -> None:
-        assert self._reference is not None
-        np.save(directory / "reference.npy", self._reference)
-
-    def load_reference(self, directory: Path) -> None:
-        self._reference = np.load(directory / "reference.npy")
 
     def calibration_id(self) -> str:
         return digest({"random": self.seed + 1, "samples": self.samples, "batch": self.batch})

@@ -15,12 +15,28 @@ from edgecompress.evaluate import Fidelity, OnnxRunner, compare, per_text_summar
 from edgecompress.passes.base import Batch, ModelInfo
 from edgecompress.progress import Progress
 from edgecompress.targets import Target
-from edgecompress.tasknames import TEXT_ENCODER_TASKS
-from edgecompress.tasks.base import TaskInputs, register_task
+from edgecompress.tasknames import FEATURE_EXTRACTION, TEXT_CLASSIFICATION
+from edgecompress.tasks.base import ArrayReference, TaskInputs, register_task
+from edgecompress.taskspec import Metric, TaskSpec
+
+# embeddings: the pooled output (evaluate.pooled_outputs) against the reference's; also an .onnx file's (onnx_file.py)
+COSINE_MEAN = Metric("cosine_mean", True, "", "mean cosine between pooled embeddings and the reference's", -1.0, 1.0)
+COSINE_P1 = Metric("cosine_p1", True, "", "1st percentile of that cosine", -1.0, 1.0)
+COSINE_MIN = Metric("cosine_min", True, "", "worst text's cosine", -1.0, 1.0)
+# classifiers: also image classifiers' (vision.py)
+TOP1_AGREEMENT = Metric("top1_agreement", True, "", "share of texts (images) whose arg-max class matches the "
+                        "reference's", 0.0, 1.0)
+KL_MEAN = Metric("kl_mean", False, "nats", "mean KL(reference || candidate) of the class distributions", 0.0)
+
+FEATURE_EXTRACTION_SPEC = TaskSpec(FEATURE_EXTRACTION, (COSINE_MEAN, COSINE_P1, COSINE_MIN),
+                                   output="last_hidden_state", architectures=("Model",))
+TEXT_CLASSIFICATION_SPEC = TaskSpec(TEXT_CLASSIFICATION, (TOP1_AGREEMENT, KL_MEAN),
+                                    architectures=("ForSequenceClassification",),
+                                    torch_class="AutoModelForSequenceClassification")
 
 
-@register_task(*TEXT_ENCODER_TASKS, units="texts")
-class EncoderTask:
+@register_task(FEATURE_EXTRACTION_SPEC, TEXT_CLASSIFICATION_SPEC, units="texts")
+class EncoderTask(ArrayReference):
     """Feature extraction and classification: one forward pass per batch, judged against PyTorch FP32."""
 
     def __init__(self, info: ModelInfo, inputs: TaskInputs) -> None:
@@ -63,13 +79,6 @@ class EncoderTask:
         return {"task": self.info.task, "eval": hash_texts(self.inputs.eval_texts.texts),
                 "batch": self.inputs.eval_batch_size, "max_len": self.max_len}
 
-    def save_reference(self, directory: Path) -> None:
-        assert self._reference is not None
-        np.save(directory / "reference.npy", self._reference)
-
-    def load_reference(self, directory: Path) -> None:
-        self._reference = np.load(directory / "reference.npy")
-
     def calibration_id(self) -> str:
         return digest({"texts": hash_texts(self.inputs.calibration_texts.texts), "batch": 8,
                        "pad_to": min(128, self.max_len)})
@@ -81,7 +90,7 @@ class EncoderTask:
     def fidelity(self, model_path: Path, progress: Progress) -> Fidelity:
         assert self._reference is not None, "check_export computes the reference first"
         with progress.step("fidelity on held-out texts", total=self._n_eval_batches()) as step:
-            runner = OnnxRunner(model_path, export.SUPPORTED_TASKS[self.info.task])
+            runner = OnnxRunner(model_path, export.judged_output(self.info.task))
             pooled = pooled_outputs(_counting(runner, step.advance), self.info.task,
                                     self._batches(self.inputs.eval_texts.texts, self.inputs.eval_batch_size))
         return Fidelity(task=self.info.task, metrics=compare(self.info.task, self._reference, pooled),

@@ -31,13 +31,26 @@ from edgecompress.passes.base import Batch, ModelInfo
 from edgecompress.progress import Progress
 from edgecompress.targets import Target
 from edgecompress.tasknames import IMAGE_CLASSIFICATION
-from edgecompress.tasks.base import Role, TaskInputs, register_task
+from edgecompress.tasks.base import ArrayReference, Role, TaskInputs, register_task
+from edgecompress.tasks.text import KL_MEAN, TOP1_AGREEMENT
+from edgecompress.taskspec import Metric, TaskSpec
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_BATCH = 8
 EXAMPLES = 6  # images shown in the report with FP32 vs compressed predictions
 _WNID = re.compile(r"^(n\d{8})")
+
+TOP5_AGREEMENT = Metric("top5_agreement", True, "", "share of images whose reference arg-max class is among the "
+                        "candidate's top 5", 0.0, 1.0)
+TOP1_ACCURACY = Metric("top1_accuracy", True, "", "share of labelled images whose arg-max class is the label", 0.0, 1.0)
+TOP1_ACCURACY_REFERENCE = Metric("top1_accuracy_reference", True, "", "the reference's top-1 accuracy on the same "
+                                 "labelled images", 0.0, 1.0)
+
+IMAGE_CLASSIFICATION_SPEC = TaskSpec(
+    IMAGE_CLASSIFICATION, (TOP1_AGREEMENT, KL_MEAN, TOP5_AGREEMENT, TOP1_ACCURACY, TOP1_ACCURACY_REFERENCE),
+    architectures=("ForImageClassification",), torch_class="AutoModelForImageClassification", modality="image",
+    preprocessor=True, tokenizer=False, onnx_with_preprocessor=True)
 
 
 def decode_image(path: Path) -> Any:
@@ -156,8 +169,8 @@ def image_data(path: Path | None, column: str | None, role: Role) -> MediaSet:
     return data
 
 
-@register_task(IMAGE_CLASSIFICATION, units="images", data=image_data)
-class ImageClassificationTask:
+@register_task(IMAGE_CLASSIFICATION_SPEC, units="images", data=image_data)
+class ImageClassificationTask(ArrayReference):
     """Image classifiers (ViT, DeiT, MobileNetV2, ResNet, ConvNeXt, EfficientNet, ...): one forward pass a batch."""
 
     def __init__(self, info: ModelInfo, inputs: TaskInputs) -> None:
@@ -195,7 +208,7 @@ class ImageClassificationTask:
         bs = self.inputs.eval_batch_size
         with progress.step("check export and compute the FP32 reference", total=self._n_batches()) as step:
             if self.from_onnx:
-                runner = OnnxRunner(onnx_path, export.SUPPORTED_TASKS[self.info.task])
+                runner = OnnxRunner(onnx_path, export.judged_output(self.info.task))
                 outs = []
                 for b in self._batches(self.eval_data, bs):
                     outs.append(runner(b))
@@ -216,13 +229,6 @@ class ImageClassificationTask:
         return {"task": self.info.task, "eval": hash_texts(self.eval_data.texts), "batch": self.inputs.eval_batch_size,
                 "processor": export.processor_digest(self.inputs.export_dir)}
 
-    def save_reference(self, directory: Path) -> None:
-        assert self._reference is not None
-        np.save(directory / "reference.npy", self._reference)
-
-    def load_reference(self, directory: Path) -> None:
-        self._reference = np.load(directory / "reference.npy")
-
     def calibration_id(self) -> str:
         return digest({"images": hash_texts(self.calibration_data.texts), "batch": CALIBRATION_BATCH,
                        "processor": export.processor_digest(self.inputs.export_dir)})
@@ -233,7 +239,7 @@ class ImageClassificationTask:
     def fidelity(self, model_path: Path, progress: Progress) -> Fidelity:
         assert self._reference is not None, "check_export computes the reference first"
         with progress.step("fidelity on held-out images", total=self._n_batches()) as step:
-            runner = OnnxRunner(model_path, export.SUPPORTED_TASKS[self.info.task])
+            runner = OnnxRunner(model_path, export.judged_output(self.info.task))
             outs = []
             for b in self._batches(self.eval_data, self.inputs.eval_batch_size):
                 outs.append(runner(b))
