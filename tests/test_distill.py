@@ -95,6 +95,32 @@ def test_distillation_is_deterministic_capped_and_recorded(bert: tuple[onnx.Mode
     assert capped.report["distill"]["steps"] < 100_000
 
 
+def test_bfloat16_training_is_deterministic_and_recorded(bert: tuple[onnx.ModelProto, PassContext]) -> None:
+    """bfloat16 autocast (what `auto` picks on a CPU with bf16 instructions) trains reproducibly and says so."""
+    model, ctx = bert
+    cfg = PruneConfig(ffn_ratio=0.5, recovery="distill", distill_steps=6, distill_lr=1e-3,
+                      distill_precision="bfloat16")
+    a, b = StructuredPrune(cfg).run(model, ctx), StructuredPrune(cfg).run(model, ctx)
+    assert [t.raw_data for t in a.model.graph.initializer] == [t.raw_data for t in b.model.graph.initializer]
+    d = a.report["distill"]
+    assert d["precision"] == {"used": "bfloat16", "asked": "bfloat16", "why": "asked for"}
+    assert d["settings"]["precision"] == "bfloat16" and all(np.isfinite([loss for _, loss in d["loss_curve"]]))
+    fp32 = StructuredPrune(replace(cfg, distill_precision="float32")).run(model, ctx)
+    assert fp32.report["distill"]["precision"]["used"] == "float32"
+    assert [t.raw_data for t in fp32.model.graph.initializer] != [t.raw_data for t in a.model.graph.initializer]
+
+
+def test_auto_precision_follows_the_hosts_bf16_instructions() -> None:
+    from edgecompress.distill import training_precision
+    from edgecompress.targets import detect_isa
+
+    assert training_precision("auto", frozenset({"avx2", "bf16"}))[0] == "bfloat16"
+    assert training_precision("auto", frozenset({"avx2", "avx512_vnni"}))[0] == "float32"
+    assert training_precision("float32", frozenset({"bf16"})) == ("float32", "asked for")
+    assert "bf16" in detect_isa("flags\t: fpu avx2 avx512f avx512_bf16\n")  # x86's name for it
+    assert "bf16" in detect_isa("Features\t: fp asimd asimddp bf16\n")  # Arm's
+
+
 def test_classifier_distils_on_logits(tiny_bert_cls: Path, tmp_path: Path) -> None:
     model, ctx = _export(tiny_bert_cls, tmp_path / "cls")
     res = StructuredPrune(PruneConfig(ffn_ratio=0.5, recovery="distill", distill_steps=4)).run(model, ctx)
@@ -106,6 +132,8 @@ def test_classifier_distils_on_logits(tiny_bert_cls: Path, tmp_path: Path) -> No
 def test_distill_knobs_need_the_distill_recovery() -> None:
     with pytest.raises(ConfigError, match="--distill-steps does nothing without --prune-recovery distill"):
         make_recipe("int8-mixed", RecipeOptions.from_flags({"prune_ffn": 0.3, "distill_steps": 10}))
+    with pytest.raises(ConfigError, match="--distill-precision does nothing without --prune-recovery distill"):
+        make_recipe("int8-mixed", RecipeOptions.from_flags({"prune_ffn": 0.3, "distill_precision": "bfloat16"}))
     with pytest.raises(ConfigError, match=r"--distill-minutes must be in \(0, 1440\]"):
         RecipeOptions.from_flags({"prune_ffn": 0.3, "prune_recovery": "distill", "distill_minutes": 0})
     recipe = make_recipe("int8-mixed", RecipeOptions(prune_ffn=0.3, prune_recovery="distill", distill_steps=5))
