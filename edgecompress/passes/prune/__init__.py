@@ -77,7 +77,7 @@ PRUNE_RECOVERY = Option("prune_recovery", "Recovery after pruning: none, bias co
                         "or refit then a short knowledge distillation from the FP32 model (PyTorch, CPU; "
                         "edgecompress/distill).", choices=("none", "bias", "refit", "distill"))
 DISTILL_STEPS = Option("distill_steps", "Distillation: optimizer steps (batches of 16 calibration texts).", int,
-                       low=0, high=100_000, hint="e.g. 800; 0 gives the refit model re-exported from PyTorch",
+                       low=0, high=100_000, hint="e.g. 1600; 0 gives the refit model re-exported from PyTorch",
                        only_with=("prune_recovery", "distill"))
 DISTILL_MINUTES = Option("distill_minutes", "Distillation: hard wall-clock cap in minutes; training stops there "
                          "whatever --distill-steps says.", float, low=0.0, high=24 * 60.0, low_open=True,
@@ -98,7 +98,7 @@ class PruneConfig:
     schedule: str = option("uniform", PRUNE_SCHEDULE)
     recovery: str = option("refit", PRUNE_RECOVERY)
     # recovery "distill" only (benchmarks/results/pruning.md: the defaults fit MiniLM in < 10 min on 2 cores)
-    distill_steps: int = option(800, DISTILL_STEPS)
+    distill_steps: int = option(1600, DISTILL_STEPS)
     distill_minutes: float = option(8.0, DISTILL_MINUTES)
     distill_lr: float = option(1e-4, DISTILL_LR)
     distill_precision: str = option("auto", DISTILL_PRECISION)
