@@ -21,6 +21,9 @@ X86_VNNI = frozenset({"avx512_vnni", "avx_vnni"})
 INT8_GEMM = frozenset({"avx2", "avx512_vnni", "avx_vnni", "neon", "dotprod", "i8mm"})
 # fp16 arithmetic on the CPU (Armv8.2 FP16); without it fp16 runs as fp32 with casts
 FP16_ARITHMETIC = frozenset({"fp16"})
+# bfloat16 dot products (Arm FEAT_BF16, x86 AVX512-BF16/AMX-BF16): oneDNN runs torch's bf16 matmuls natively;
+# without them bf16 is emulated and slower than float32
+BF16_ARITHMETIC = frozenset({"bf16"})
 
 
 def int8_dot(isa: Iterable[str]) -> list[str]:
@@ -34,6 +37,10 @@ def has_int8_gemm(isa: Iterable[str]) -> bool:
 
 def has_fp16_arithmetic(isa: Iterable[str]) -> bool:
     return bool(FP16_ARITHMETIC & set(isa))
+
+
+def has_bf16_arithmetic(isa: Iterable[str]) -> bool:
+    return bool(BF16_ARITHMETIC & set(isa))
 
 
 def accuracy_level_for(isa: Iterable[str], target_name: str = "the target") -> tuple[int, str]:

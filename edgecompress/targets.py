@@ -360,7 +360,8 @@ def available_targets() -> dict[str, Path]:
 # /proc/cpuinfo flag (x86 "flags", Arm "Features") -> our ISA flag
 _CPUINFO_FLAGS = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512", "avx512_vnni": "avx512_vnni",
                   "avx_vnni": "avx_vnni", "asimd": "neon", "asimddp": "dotprod", "i8mm": "i8mm", "asimdhp": "fp16",
-                  "bf16": "bf16", "sve": "sve", "sve2": "sve2"}
+                  "bf16": "bf16", "avx512_bf16": "bf16", "amx_bf16": "bf16", "sve": "sve",
+                  "sve2": "sve2"}
 
 
 def detect_isa(cpuinfo: str | None = None) -> frozenset[str]:

@@ -77,6 +77,20 @@ def distill(source: Path, task: str, cuts: list[Cut], batches: Iterable[dict[str
     return model, report
 
 
+def training_precision(asked: str, isa: frozenset[str] | None = None) -> tuple[str, str]:
+    """The matmul precision of the training loop, and why: `asked` unless "auto", which takes bfloat16 where this
+    machine's CPU has bf16 instructions (the training runs here, so the host's ISA decides, not the target's)."""
+    from edgecompress import isa as isa_facts
+    from edgecompress.targets import detect_isa
+
+    if asked != "auto":
+        return asked, "asked for"
+    flags = detect_isa() if isa is None else isa
+    if isa_facts.has_bf16_arithmetic(flags):
+        return "bfloat16", "auto: this CPU has bf16 instructions"
+    return "float32", "auto: this CPU has no bf16 instructions (bfloat16 would be emulated, slower)"
+
+
 def _check(student: Any, task: str, path: Path, data: Data, atol: float = 1e-3) -> float:
     """The exported student against itself in PyTorch on one calibration batch (ExportError beyond atol)."""
     ref = export.TorchReference(None, task, model=student)
@@ -85,4 +99,4 @@ def _check(student: Any, task: str, path: Path, data: Data, atol: float = 1e-3) 
     return export.check_export(ref, path, [batch], atol=atol).max_abs_diff
 
 
-__all__ = ["Cut", "Settings", "apply_cuts", "distill"]
+__all__ = ["Cut", "Settings", "apply_cuts", "distill", "training_precision"]
