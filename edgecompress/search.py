@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 # A prediction must miss a budget by this factor before a candidate is rejected unbuilt: predictions are rough.
 PREDICTION_MARGIN = 1.25
+# The share of a pruned model's fidelity gap (1 - figure) that distillation closes in its default time, measured:
+# benchmarks/results/pruning_distill.md, 0.9617 -> 0.9704 at 25.8% of FLOPs (23%), 0.9505 -> 0.9606 at 25.2% (20%).
+# A pruned candidate that misses only fidelity floors is distilled when the floor is within this reach.
+DISTILL_REACH = 0.25
 
 
 @dataclass(frozen=True)
@@ -259,6 +263,7 @@ def build_auto(opts: Any, progress: Progress | None = None, *, max_candidates: i
                     records.append({**rec, "status": "not built", "reason": f"--time-budget {time_budget_s:g} s spent"})
                     continue
                 cand_out = stage.path / "_candidates" / c.name.replace("/", "_")
+                t_cand = time.perf_counter()
                 try:
                     with progress.step(f"candidate {c.name}"):
                         m = build(replace(opts, recipe=c.recipe, out=cand_out, force=True,
@@ -270,9 +275,42 @@ def build_auto(opts: Any, progress: Progress | None = None, *, max_candidates: i
                     continue
                 built.append((c, m))
                 records.append({**rec, "status": "built", "passed": m.passed, "fidelity": m.fidelity["metrics"],
-                                "size_mb": m.artifact.size_mb,
+                                "size_mb": m.artifact.size_mb, "seconds": round(time.perf_counter() - t_cand, 1),
                                 "budgets": [r.as_dict() for r in m.budgets],
                                 "reason": "" if m.passed else "; ".join(r.miss() for r in m.failed_budgets)})
+            # second round, only when nothing fits: distil the pruned candidates that missed only fidelity
+            if not any(m.passed for _, m in built):
+                for c, m in list(built):
+                    d, why = distill_retry(c, m.failed_budgets)
+                    rec = next(r for r in records if r["candidate"] == c.name)
+                    if why and d is None:
+                        rec["distill"] = why
+                    if d is None:
+                        continue
+                    drec = {"candidate": d.name, "recipe": d.recipe, "options": d.options, "round": "distillation",
+                            "why_tried": why}
+                    if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+                        records.append({**drec, "status": "not built",
+                                        "reason": f"--time-budget {time_budget_s:g} s spent"})
+                        continue
+                    t_cand = time.perf_counter()
+                    try:
+                        with progress.step(f"candidate {d.name} (distillation)"):
+                            dm = build(replace(opts, recipe=d.recipe, force=True,
+                                               out=stage.path / "_candidates" / d.name.replace("/", "_"),
+                                               recipe_options=RecipeOptions(**d.options)))
+                    except BuildInterrupted:
+                        raise
+                    except EdgeCompressError as e:
+                        records.append({**drec, "status": "failed", "reason": e.one_line(),
+                                        "seconds": round(time.perf_counter() - t_cand, 1)})
+                        continue
+                    built.append((d, dm))
+                    records.append({**drec, "status": "built", "passed": dm.passed,
+                                    "fidelity": dm.fidelity["metrics"], "size_mb": dm.artifact.size_mb,
+                                    "budgets": [r.as_dict() for r in dm.budgets],
+                                    "seconds": round(time.perf_counter() - t_cand, 1),
+                                    "reason": "" if dm.passed else "; ".join(r.miss() for r in dm.failed_budgets)})
             fitting = sorted((bm for bm in built if bm[1].passed), key=lambda bm: _rank_key(bm[1], metric))
             if fitting:
                 chosen, why = fitting[0], f"meets every budget with the best {metric}"
@@ -304,6 +342,21 @@ def build_auto(opts: Any, progress: Progress | None = None, *, max_candidates: i
     if not manifest.passed:
         raise NothingFits(target.name, chosen[0].name, _misses(manifest), manifest, search, written=True)
     return manifest
+
+
+def distill_retry(c: Candidate, failed: list[Any]) -> tuple[Candidate | None, str]:
+    """(the distilled variant of a built, pruned candidate, why) when it missed only fidelity floors and each floor
+    is within distillation's measured reach; (None, why not) otherwise ("" when distillation does not apply)."""
+    if not (c.options.get("prune_ffn") or c.options.get("prune_heads")) or c.options.get("prune_recovery") == "distill":
+        return None, ""
+    if not failed or any(r.name not in METRICS or r.comparison != ">=" or r.value is None for r in failed):
+        return None, ""  # a size, memory or latency miss: more training does not change those
+    need = max((r.limit - r.value) / max(1.0 - r.value, 1e-9) for r in failed)
+    if need > DISTILL_REACH:
+        return None, (f"distillation not tried: the floor needs {need:.0%} of the fidelity gap closed; distillation "
+                      f"closes about {DISTILL_REACH:.0%} (benchmarks/results/pruning_distill.md)")
+    return (Candidate(c.recipe, {**c.options, "prune_recovery": "distill"}),
+            f"{c.name} missed only fidelity, by {need:.0%} of its gap: within distillation's reach")
 
 
 def _misses(m: Manifest) -> str:

@@ -110,3 +110,24 @@ def test_auto_nothing_fits_exit_3(tiny: Path, tmp_path: Path) -> None:
 def test_auto_only_flags_need_auto(tiny: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["build", str(tiny), "--target", "host", "--keep-best", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "go with --recipe auto" in r.stderr
+
+
+def test_pruned_candidates_missing_only_fidelity_are_distilled_when_within_reach() -> None:
+    """The second round of `--recipe auto`: which built candidates get a distilled variant, and why (or why not)."""
+    from edgecompress.budget import BudgetRow
+    from edgecompress.search import Candidate, distill_retry
+
+    pruned = Candidate("int8-mixed", {"prune_ffn": 0.25})
+
+    def floor(value: float, limit: float) -> BudgetRow:
+        return BudgetRow("cosine_mean", limit, value, "", False, "measured", ">=")
+
+    d, why = distill_retry(pruned, [floor(0.9617, 0.965)])  # 9% of the gap: within reach
+    assert d == Candidate("int8-mixed", {"prune_ffn": 0.25, "prune_recovery": "distill"}) and "reach" in why
+    d, why = distill_retry(pruned, [floor(0.9617, 0.99)])  # 74% of the gap: out of reach, said so
+    assert d is None and "74%" in why and "distillation closes about 25%" in why
+    size = BudgetRow("size_mb", 15.0, 20.4, "MB", False, "measured", "<=")
+    assert distill_retry(pruned, [floor(0.9617, 0.965), size]) == (None, "")  # training cannot fix a size miss
+    assert distill_retry(Candidate("int8-mixed"), [floor(0.9617, 0.965)]) == (None, "")  # nothing pruned
+    already = Candidate("int8-mixed", {"prune_ffn": 0.25, "prune_recovery": "distill"})
+    assert distill_retry(already, [floor(0.9617, 0.965)]) == (None, "")
