@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,18 @@ def sigint_default() -> None:
     control (`cmd &` in a script, nohup) makes them ignore SIGINT, the child inherits that, and Python then never
     raises KeyboardInterrupt. Reset it, so the test checks our handling and not how it was launched."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def ctrl_c_leaves_nothing(proc: subprocess.Popen[str], out: Path) -> str:
+    """Ctrl-C a running `edgecompress build` and check what a user must see: exit 130, one last line, no traceback,
+    neither --out nor its parent created. Returns stderr for further checks."""
+    proc.send_signal(signal.SIGINT)
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "error: interrupted: nothing was written"
+    assert "Traceback" not in stderr
+    assert not out.exists() and not out.parent.exists()
+    return stderr
 
 
 def run_onnx(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
